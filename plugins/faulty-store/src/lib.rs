@@ -1,0 +1,67 @@
+//! A test-only transcript store: the real SQLite store code, plus faults injected by marker
+//! texts in a saved message, so tests can prove the sandbox contains a misbehaving plugin.
+//!   "!trap"  panics (a trap)         "!loop"  spins forever (cut off by the epoch deadline)
+//!   "!oom"   allocates without bound "!fail"  returns `unavailable` for that chat only
+
+wit_bindgen::generate!({ world: "transcript-store", path: "../../wit" });
+
+#[path = "../../sqlite-store/src/tables.rs"]
+mod tables;
+
+use exports::parley::plugin::store::{ChatDelta, Guest, Settings, StoreError, Transcript};
+
+struct FaultyStore;
+
+fn marker(delta: &ChatDelta, m: &str) -> bool {
+    delta.events.iter().any(|e| e.text == m)
+}
+
+impl Guest for FaultyStore {
+    fn init(settings: Settings) -> Result<(), StoreError> {
+        tables::init(&settings)
+    }
+    fn save(deltas: Vec<ChatDelta>) -> Vec<Result<(), StoreError>> {
+        if deltas.iter().any(|d| marker(d, "!trap")) {
+            panic!("injected trap");
+        }
+        if deltas.iter().any(|d| marker(d, "!loop")) {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        if deltas.iter().any(|d| marker(d, "!oom")) {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        let (failing, healthy): (Vec<_>, Vec<_>) = deltas.iter().enumerate().partition(|(_, d)| marker(d, "!fail"));
+        let healthy_deltas: Vec<ChatDelta> = healthy.iter().map(|(_, d)| (*d).clone()).collect();
+        let mut saved = tables::save(&healthy_deltas).into_iter();
+        let mut results = Vec::with_capacity(deltas.len());
+        for i in 0..deltas.len() {
+            if failing.iter().any(|(j, _)| *j == i) {
+                results.push(Err(StoreError::Unavailable("injected failure".to_string())));
+            } else {
+                results.push(saved.next().unwrap_or(Ok(())));
+            }
+        }
+        results
+    }
+    fn claim(chat_id: String, owner: String, expected_epoch: u64) -> Result<u64, StoreError> {
+        tables::claim(&chat_id, &owner, expected_epoch)
+    }
+    fn load(chat_id: String) -> Result<Option<Transcript>, StoreError> {
+        tables::load(&chat_id)
+    }
+    fn save_final(transcript: Transcript) -> Result<(), StoreError> {
+        tables::save_final(&transcript)
+    }
+    fn purge(chat_id: String) -> Result<(), StoreError> {
+        tables::purge(&chat_id)
+    }
+}
+
+export!(FaultyStore);

@@ -1,0 +1,33 @@
+//! The default transcript store: chats and their events in the host's embedded SQLite
+//! database, reached through the granted `sql` import. One `save` call is one transaction.
+
+wit_bindgen::generate!({ world: "transcript-store", path: "../../wit" });
+
+mod tables;
+
+use exports::parley::plugin::store::{ChatDelta, Guest, Settings, StoreError, Transcript};
+
+struct SqliteStore;
+
+impl Guest for SqliteStore {
+    fn init(settings: Settings) -> Result<(), StoreError> {
+        tables::init(&settings)
+    }
+    fn save(deltas: Vec<ChatDelta>) -> Vec<Result<(), StoreError>> {
+        tables::save(&deltas)
+    }
+    fn claim(chat_id: String, owner: String, expected_epoch: u64) -> Result<u64, StoreError> {
+        tables::claim(&chat_id, &owner, expected_epoch)
+    }
+    fn load(chat_id: String) -> Result<Option<Transcript>, StoreError> {
+        tables::load(&chat_id)
+    }
+    fn save_final(transcript: Transcript) -> Result<(), StoreError> {
+        tables::save_final(&transcript)
+    }
+    fn purge(chat_id: String) -> Result<(), StoreError> {
+        tables::purge(&chat_id)
+    }
+}
+
+export!(SqliteStore);

@@ -1,0 +1,249 @@
+//! The SQL behind the SQLite store: schema, fenced group-commit saves, claims, loads.
+//! Shared as source with the faulty test store so both run exactly the same storage code.
+
+use crate::exports::parley::plugin::store::{ChatDelta, Settings, StoreError, Transcript};
+use crate::parley::plugin::sql::{self, SqlError, Statement, Value};
+use crate::parley::plugin::types::{ChatState, Event, EventKind};
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS chats (
+        chat_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, owner TEXT NOT NULL,
+        state TEXT NOT NULL, meta TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS events (
+        chat_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
+        participant_id TEXT NOT NULL, nickname TEXT NOT NULL, text TEXT NOT NULL,
+        client_msg_id TEXT, at_ms INTEGER NOT NULL,
+        PRIMARY KEY (chat_id, seq)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS final_chats (
+        chat_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, meta TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS final_events (
+        chat_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
+        participant_id TEXT NOT NULL, nickname TEXT NOT NULL, text TEXT NOT NULL,
+        client_msg_id TEXT, at_ms INTEGER NOT NULL,
+        PRIMARY KEY (chat_id, seq)) WITHOUT ROWID",
+];
+
+/// Upserts a chat row only while the writer's epoch is the chat's epoch: 0 rows changed
+/// means another owner has claimed the chat since (the write is fenced off).
+const UPSERT_CHAT: &str = "INSERT INTO chats (chat_id, epoch, owner, state, meta)
+    VALUES (?1, ?2, ?3, ?4, coalesce(?5, '{}'))
+    ON CONFLICT (chat_id) DO UPDATE SET state = excluded.state, meta = coalesce(?5, chats.meta)
+    WHERE chats.epoch = excluded.epoch";
+
+const INSERT_EVENT: &str = "INSERT OR REPLACE INTO events
+    (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
+    SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
+    WHERE EXISTS (SELECT 1 FROM chats WHERE chat_id = ?1 AND epoch = ?9)";
+
+const EVENT_COLUMNS: &str = "seq, kind, participant_id, nickname, text, client_msg_id, at_ms";
+
+pub fn init(_settings: &Settings) -> Result<(), StoreError> {
+    let statements = SCHEMA
+        .iter()
+        .map(|sql| Statement { sql: sql.to_string(), rows: vec![vec![]] })
+        .collect::<Vec<_>>();
+    sql::transaction(&statements).map(drop).map_err(store_error)
+}
+
+pub fn save(deltas: &[ChatDelta]) -> Vec<Result<(), StoreError>> {
+    let mut chats = Vec::with_capacity(deltas.len());
+    let mut events = Vec::new();
+    for delta in deltas {
+        chats.push(vec![
+            Value::Text(delta.chat_id.clone()),
+            Value::Integer(delta.epoch as i64),
+            Value::Text(delta.owner.clone()),
+            Value::Text(state_name(delta.state).to_string()),
+            delta.meta.clone().map_or(Value::Null, Value::Text),
+        ]);
+        for event in &delta.events {
+            let mut row = event_row(&delta.chat_id, event);
+            row.push(Value::Integer(delta.epoch as i64));
+            events.push(row);
+        }
+    }
+    let statements = [
+        Statement { sql: UPSERT_CHAT.to_string(), rows: chats },
+        Statement { sql: INSERT_EVENT.to_string(), rows: events },
+    ];
+    match sql::transaction(&statements) {
+        Ok(changed) => changed[0]
+            .iter()
+            .zip(deltas)
+            .map(|(&n, delta)| {
+                if n == 1 {
+                    Ok(())
+                } else {
+                    Err(StoreError::StaleEpoch(format!(
+                        "chat {} has moved past epoch {}",
+                        delta.chat_id, delta.epoch
+                    )))
+                }
+            })
+            .collect(),
+        Err(e) => {
+            let e = store_error(e);
+            deltas.iter().map(|_| Err(e.clone())).collect()
+        }
+    }
+}
+
+pub fn claim(chat_id: &str, owner: &str, expected_epoch: u64) -> Result<u64, StoreError> {
+    let statement = Statement {
+        sql: "UPDATE chats SET epoch = epoch + 1, owner = ?2 WHERE chat_id = ?1 AND epoch = ?3"
+            .to_string(),
+        rows: vec![vec![
+            Value::Text(chat_id.to_string()),
+            Value::Text(owner.to_string()),
+            Value::Integer(expected_epoch as i64),
+        ]],
+    };
+    let changed = sql::transaction(&[statement]).map_err(store_error)?;
+    if changed[0][0] == 1 {
+        return Ok(expected_epoch + 1);
+    }
+    let rows = sql::query("SELECT epoch FROM chats WHERE chat_id = ?1", &[Value::Text(chat_id.to_string())])
+        .map_err(store_error)?;
+    match rows.first().and_then(|r| r.first()) {
+        Some(Value::Integer(epoch)) => Err(StoreError::StaleEpoch(format!(
+            "chat {chat_id} is at epoch {epoch}, not {expected_epoch}"
+        ))),
+        _ => Err(StoreError::Invalid(format!("no open chat {chat_id}"))),
+    }
+}
+
+pub fn load(chat_id: &str) -> Result<Option<Transcript>, StoreError> {
+    let id = [Value::Text(chat_id.to_string())];
+    let finals = sql::query("SELECT epoch, meta FROM final_chats WHERE chat_id = ?1", &id).map_err(store_error)?;
+    let (table, epoch, state, meta) = if let Some(row) = finals.into_iter().next() {
+        ("final_events", int(&row[0]), ChatState::Closed, text(&row[1]))
+    } else {
+        let live = sql::query("SELECT epoch, state, meta FROM chats WHERE chat_id = ?1", &id).map_err(store_error)?;
+        let Some(row) = live.into_iter().next() else { return Ok(None) };
+        ("events", int(&row[0]), parse_state(&text(&row[1])), text(&row[2]))
+    };
+    let rows = sql::query(
+        &format!("SELECT {EVENT_COLUMNS} FROM {table} WHERE chat_id = ?1 ORDER BY seq"),
+        &id,
+    )
+    .map_err(store_error)?;
+    let events = rows.iter().map(|r| event_from_row(r)).collect();
+    Ok(Some(Transcript { chat_id: chat_id.to_string(), epoch, state, meta, events }))
+}
+
+pub fn save_final(t: &Transcript) -> Result<(), StoreError> {
+    let statements = [
+        Statement {
+            sql: "INSERT OR REPLACE INTO final_chats (chat_id, epoch, meta) VALUES (?1, ?2, ?3)".to_string(),
+            rows: vec![vec![
+                Value::Text(t.chat_id.clone()),
+                Value::Integer(t.epoch as i64),
+                Value::Text(t.meta.clone()),
+            ]],
+        },
+        Statement {
+            sql: "INSERT OR REPLACE INTO final_events
+                (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
+                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                .to_string(),
+            rows: t.events.iter().map(|e| event_row(&t.chat_id, e)).collect(),
+        },
+    ];
+    sql::transaction(&statements).map(drop).map_err(store_error)
+}
+
+pub fn purge(chat_id: &str) -> Result<(), StoreError> {
+    let id = vec![vec![Value::Text(chat_id.to_string())]];
+    let statements = [
+        Statement { sql: "DELETE FROM events WHERE chat_id = ?1".to_string(), rows: id.clone() },
+        Statement { sql: "DELETE FROM chats WHERE chat_id = ?1".to_string(), rows: id },
+    ];
+    sql::transaction(&statements).map(drop).map_err(store_error)
+}
+
+fn event_row(chat_id: &str, e: &Event) -> Vec<Value> {
+    vec![
+        Value::Text(chat_id.to_string()),
+        Value::Integer(e.seq as i64),
+        Value::Text(kind_name(e.kind).to_string()),
+        Value::Text(e.participant_id.clone()),
+        Value::Text(e.nickname.clone()),
+        Value::Text(e.text.clone()),
+        e.client_msg_id.clone().map_or(Value::Null, Value::Text),
+        Value::Integer(e.at_ms as i64),
+    ]
+}
+
+fn event_from_row(r: &[Value]) -> Event {
+    Event {
+        seq: int(&r[0]),
+        kind: parse_kind(&text(&r[1])),
+        participant_id: text(&r[2]),
+        nickname: text(&r[3]),
+        text: text(&r[4]),
+        client_msg_id: match &r[5] {
+            Value::Text(s) => Some(s.clone()),
+            _ => None,
+        },
+        at_ms: int(&r[6]),
+    }
+}
+
+fn int(v: &Value) -> u64 {
+    match v {
+        Value::Integer(i) => *i as u64,
+        _ => 0,
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Text(s) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+fn kind_name(k: EventKind) -> &'static str {
+    match k {
+        EventKind::Message => "message",
+        EventKind::Joined => "joined",
+        EventKind::Left => "left",
+        EventKind::Reconnected => "reconnected",
+        EventKind::Notice => "notice",
+        EventKind::Closed => "closed",
+    }
+}
+
+fn parse_kind(s: &str) -> EventKind {
+    match s {
+        "joined" => EventKind::Joined,
+        "left" => EventKind::Left,
+        "reconnected" => EventKind::Reconnected,
+        "notice" => EventKind::Notice,
+        "closed" => EventKind::Closed,
+        _ => EventKind::Message,
+    }
+}
+
+fn state_name(s: ChatState) -> &'static str {
+    match s {
+        ChatState::Waiting => "waiting",
+        ChatState::Active => "active",
+        ChatState::Closed => "closed",
+    }
+}
+
+fn parse_state(s: &str) -> ChatState {
+    match s {
+        "waiting" => ChatState::Waiting,
+        "closed" => ChatState::Closed,
+        _ => ChatState::Active,
+    }
+}
+
+fn store_error(e: SqlError) -> StoreError {
+    match e {
+        SqlError::Busy(m) | SqlError::Io(m) => StoreError::Unavailable(m),
+        SqlError::Constraint(m) | SqlError::Invalid(m) => StoreError::Internal(m),
+    }
+}

@@ -1,0 +1,148 @@
+//! `parley bench`: N concurrent chats, each a customer and an agent taking turns to send
+//! messages as fast as they are acknowledged, for a fixed time. Prints durable messages/s
+//! and ack latency percentiles, then checks that every acknowledged message is in the
+//! transcript exactly once. Without `--target` it starts its own instance on a fresh data
+//! directory, so one command measures the whole path.
+
+use crate::client::Client;
+use anyhow::{Context, bail};
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Instance to drive (http://host:port); default: start one.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Concurrent chats.
+    #[arg(long, default_value_t = 100)]
+    pub chats: usize,
+    /// Seconds of measured load.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Message size in bytes.
+    #[arg(long, default_value_t = 40)]
+    pub text_bytes: usize,
+    /// Agent token for --target (PARLEY_AGENT_TOKEN by default).
+    #[arg(long)]
+    pub agent_token: Option<String>,
+    /// SQLite synchronous mode of the instance the bench starts: full or normal.
+    #[arg(long, default_value = "full")]
+    pub synchronous: String,
+}
+
+pub async fn run(o: Options) -> anyhow::Result<()> {
+    let mut own_server = None;
+    let (target, agent_token) = match &o.target {
+        Some(t) => (t.clone(), o.agent_token.clone().or_else(|| std::env::var("PARLEY_AGENT_TOKEN").ok()).context("--agent-token or PARLEY_AGENT_TOKEN is required with --target")?),
+        None => {
+            let (child, addr, dir) = start_instance(&o.synchronous).await?;
+            own_server = Some((child, dir));
+            (addr, "bench-agent-token".to_string())
+        }
+    };
+    println!("parley bench: {} chats for {} s against {target} (sqlite synchronous={})", o.chats, o.seconds, if o.target.is_some() { "as configured" } else { &o.synchronous });
+
+    // Open the chats, an agent in each.
+    let mut setup = tokio::task::JoinSet::new();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+    for i in 0..o.chats {
+        let (target, agent_token, gate) = (target.clone(), agent_token.clone(), gate.clone());
+        setup.spawn(async move {
+            let _permit = gate.acquire().await;
+            let mut c = Client::new(&target);
+            let created = c.post("/v1/chats", None, json!({"nickname": format!("customer{i}"), "subject": "bench"})).await?.ok()?;
+            let chat_id = created["chat_id"].as_str().unwrap_or_default().to_string();
+            let joined = c.post(&format!("/v1/chats/{chat_id}/join"), Some(&agent_token), json!({"nickname": format!("agent{i}")})).await?.ok()?;
+            Ok::<_, anyhow::Error>((c, chat_id, created["token"].as_str().unwrap_or_default().to_string(), joined["token"].as_str().unwrap_or_default().to_string()))
+        });
+    }
+    let mut chats = Vec::with_capacity(o.chats);
+    while let Some(r) = setup.join_next().await {
+        chats.push(r??);
+    }
+
+    let text = "x".repeat(o.text_bytes);
+    let deadline = Instant::now() + Duration::from_secs(o.seconds);
+    let started = Instant::now();
+    let mut load = tokio::task::JoinSet::new();
+    for (mut client, chat_id, customer, agent) in chats {
+        let text = text.clone();
+        load.spawn(async move {
+            let path = format!("/v1/chats/{chat_id}/messages");
+            let mut latencies_us: Vec<u32> = Vec::with_capacity(4096);
+            let mut errors = 0u64;
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let token = if n % 2 == 0 { &customer } else { &agent };
+                let sent = Instant::now();
+                let reply = client.post(&path, Some(token), json!({"text": text, "client_msg_id": format!("m{n}")})).await;
+                match reply {
+                    Ok(r) if r.status == 200 => latencies_us.push(sent.elapsed().as_micros() as u32),
+                    _ => errors += 1,
+                }
+                n += 1;
+            }
+            (client, chat_id, customer, latencies_us, errors)
+        });
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    let mut finished = Vec::new();
+    while let Some(r) = load.join_next().await {
+        let (client, chat_id, customer, lat, e) = r?;
+        errors += e;
+        finished.push((client, chat_id, customer, lat.len()));
+        all.extend(lat);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
+    println!("acknowledged messages: {}  errors: {errors}", all.len());
+    println!("durable messages/s:    {:.0}", all.len() as f64 / elapsed);
+    println!("ack latency ms:        p50 {:.2}  p99 {:.2}  max {:.2}", pct(0.50), pct(0.99), pct(1.0));
+
+    // Every acknowledged message must be in its transcript exactly once.
+    let mut checked = 0;
+    for (mut client, chat_id, customer, acked) in finished.into_iter().take(50) {
+        let t = client.get(&format!("/v1/chats/{chat_id}/transcript"), Some(&customer)).await?.ok()?;
+        let messages = t["events"].as_array().map_or(0, |e| e.iter().filter(|e| e["kind"] == "message").count());
+        if messages != acked {
+            bail!("chat {chat_id}: {acked} messages acknowledged but {messages} in the transcript");
+        }
+        checked += 1;
+    }
+    println!("verified: {checked} transcripts hold exactly the acknowledged messages");
+    if let Some((mut child, dir)) = own_server {
+        let _ = child.kill().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
+}
+
+async fn start_instance(synchronous: &str) -> anyhow::Result<(tokio::process::Child, String, PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("parley-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("bench.toml");
+    std::fs::write(&config, format!("[sqlite]\nsynchronous = \"{synchronous}\"\n"))?;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.join("data"))
+        .arg("--config")
+        .arg(&config)
+        .env("PARLEY_AGENT_TOKEN", "bench-agent-token")
+        .env("PARLEY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    while let Some(line) = lines.next_line().await? {
+        if let Some(addr) = line.split("listening on ").nth(1) {
+            return Ok((child, addr.trim().to_string(), dir));
+        }
+    }
+    bail!("the bench instance exited before listening")
+}

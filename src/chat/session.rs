@@ -1,0 +1,459 @@
+//! The task that owns one chat: it numbers events, hands them to the `intermediate` store
+//! (one save in flight per chat; the store slot batches saves across chats), publishes them
+//! and acknowledges senders only after the save succeeded, and asks the save-error policy
+//! what to do when a save fails.
+
+use super::event::now_ms;
+use super::{ChatError, ChatHandle, ChatMap, ChatShared, Command, Deps, Event, Joined, Kind, Member, Meta, Participant, Role, Roster};
+use crate::auth;
+use crate::plugins::bindings::notices::{Notice, NoticeKind};
+use crate::plugins::bindings::policy::{Decision, ErrorKind, SaveFailure};
+use crate::plugins::bindings::types::{ChatDelta, ChatState, Transcript};
+use crate::plugins::slots::StorageError;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+/// Who is waiting for an event to be saved.
+enum Ack {
+    Seq(oneshot::Sender<Result<u64, ChatError>>),
+    Joined(oneshot::Sender<Result<Joined, ChatError>>, Joined),
+    Created(oneshot::Sender<Result<(), ChatError>>),
+}
+
+impl Ack {
+    fn send(self, result: Result<u64, ChatError>) {
+        match self {
+            Ack::Seq(tx) => drop(tx.send(result)),
+            Ack::Joined(tx, joined) => drop(tx.send(result.map(|_| joined))),
+            Ack::Created(tx) => drop(tx.send(result.map(drop))),
+        }
+    }
+}
+
+struct Pending {
+    event: Arc<Event>,
+    acks: Vec<Ack>,
+}
+
+struct Session {
+    deps: Arc<Deps>,
+    map: ChatMap,
+    shared: Arc<ChatShared>,
+    epoch: u64,
+    state: ChatState,
+    meta: Meta,
+    next_seq: u64,
+    /// Events numbered but not yet saved, oldest first; invisible to readers.
+    unsaved: Vec<Pending>,
+    /// How many of `unsaved` the save in flight carries.
+    in_flight: usize,
+    saving: Option<oneshot::Receiver<Result<(), StorageError>>>,
+    meta_dirty: bool,
+    /// (participant, client_msg_id) -> seq, saved or pending: resends get the original seq.
+    sent: HashMap<(Arc<str>, String), u64>,
+    must_reconnect: Vec<Arc<str>>,
+    attempt: u32,
+    last_good_save: Instant,
+    retry_at: Option<tokio::time::Instant>,
+    /// Closers waiting for the final transcript to be stored.
+    closing: Vec<oneshot::Sender<Result<u64, ChatError>>>,
+    ended: bool,
+}
+
+/// Starts a new chat's task; the returned receiver resolves when its first save is done.
+pub(super) fn open(deps: Arc<Deps>, map: ChatMap, chat_id: Arc<str>, meta: Meta) -> (ChatHandle, oneshot::Receiver<Result<(), ChatError>>) {
+    let customer = meta.participants[0].clone();
+    let mut session = Session::new(deps, map, chat_id, 1, ChatState::Waiting, meta, Vec::new(), Vec::new());
+    session.deps.kpi.chat_opened(false);
+    info!(event_id = "chat.created", chat_id = %session.shared.id, sessions_current = session.deps.kpi.sessions_current.load(std::sync::atomic::Ordering::Relaxed), "chat created");
+    let (tx, rx) = oneshot::channel();
+    session.append(Kind::Joined, &customer.id, &customer.nickname, String::new(), None, Some(Ack::Created(tx)));
+    (session.spawn(), rx)
+}
+
+/// Takes over a stored chat: claims it (its epoch moves on, fencing off any older owner),
+/// and continues its numbering. Closed chats come back read-only.
+pub(super) async fn restore(deps: Arc<Deps>, map: ChatMap, t: Transcript) -> Result<ChatHandle, ChatError> {
+    let meta: Meta = serde_json::from_str(&t.meta).map_err(|e| ChatError::Storage(format!("stored chat metadata is unreadable: {e}")))?;
+    let events: Vec<Arc<Event>> = t.events.into_iter().map(Event::from_wit).collect();
+    if t.state == ChatState::Closed {
+        let session = Session::new(deps, map, t.chat_id.into(), t.epoch, ChatState::Closed, meta, events, Vec::new());
+        session.shared.set_roster(session.roster());
+        return Ok(session.spawn());
+    }
+    let epoch = deps
+        .intermediate
+        .claim(&t.chat_id, &deps.instance_id, t.epoch)
+        .await
+        .map_err(|e| if e.kind == ErrorKind::StaleEpoch { ChatError::Moved } else { ChatError::Storage(e.message) })?;
+    let returning: Vec<Arc<str>> = meta.participants.iter().filter(|p| p.present).map(|p| p.id.clone()).collect();
+    let session = Session::new(deps, map, t.chat_id.into(), epoch, t.state, meta, events, returning);
+    session.deps.kpi.chat_opened(true);
+    info!(event_id = "chat.restored", chat_id = %session.shared.id, epoch, "chat restored from storage");
+    Ok(session.spawn())
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    fn new(deps: Arc<Deps>, map: ChatMap, id: Arc<str>, epoch: u64, state: ChatState, meta: Meta, events: Vec<Arc<Event>>, must_reconnect: Vec<Arc<str>>) -> Self {
+        let next_seq = events.last().map_or(1, |e| e.seq + 1);
+        let sent = events
+            .iter()
+            .filter_map(|e| e.client_msg_id.as_ref().map(|m| ((e.participant_id.clone(), m.clone()), e.seq)))
+            .collect();
+        let placeholder = Roster { state, subject: String::new(), customer_nickname: "".into(), created_ms: 0, members: Vec::new() };
+        let shared = ChatShared::new(id, placeholder, events);
+        let mut s = Session {
+            deps,
+            map,
+            shared,
+            epoch,
+            state,
+            meta,
+            next_seq,
+            unsaved: Vec::new(),
+            in_flight: 0,
+            saving: None,
+            meta_dirty: true,
+            sent,
+            must_reconnect,
+            attempt: 0,
+            last_good_save: Instant::now(),
+            retry_at: None,
+            closing: Vec::new(),
+            ended: false,
+        };
+        s.shared.set_roster(s.roster());
+        s.meta_dirty = epoch == 1;
+        s
+    }
+
+    fn spawn(self) -> ChatHandle {
+        let (tx, rx) = mpsc::channel(256);
+        let handle = ChatHandle { shared: self.shared.clone(), commands: tx };
+        tokio::spawn(self.run(rx));
+        handle
+    }
+
+    fn roster(&self) -> Roster {
+        let customer_nickname = self.meta.participants.iter().find(|p| p.role == Role::Customer).map_or_else(|| "".into(), |p| p.nickname.clone());
+        Roster {
+            state: self.state,
+            subject: self.meta.subject.clone(),
+            customer_nickname,
+            created_ms: self.meta.created_ms,
+            members: self
+                .meta
+                .participants
+                .iter()
+                .map(|p| Member {
+                    id: p.id.clone(),
+                    role: p.role,
+                    nickname: p.nickname.clone(),
+                    token_sha256: p.token_sha256,
+                    present: p.present,
+                    must_reconnect: self.must_reconnect.contains(&p.id),
+                })
+                .collect(),
+        }
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut linger = None;
+        loop {
+            let retry_at = self.retry_at;
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(c) => self.handle(c).await,
+                    None => break,
+                },
+                saved = async { self.saving.as_mut().expect("guarded").await }, if self.saving.is_some() => {
+                    self.saving = None;
+                    let result = saved.unwrap_or_else(|_| Err(crate::plugins::PluginFault::Gone.into()));
+                    self.on_saved(result).await;
+                }
+                _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                    self.retry_at = None;
+                    self.start_save();
+                }
+                _ = async { tokio::time::sleep(self.deps.linger).await }, if linger.is_some() => break,
+            }
+            if self.ended {
+                break;
+            }
+            if self.state == ChatState::Closed && self.unsaved.is_empty() && self.closing.is_empty() && linger.is_none() {
+                linger = Some(());
+            }
+        }
+        self.map.write().unwrap().remove(&self.shared.id);
+    }
+
+    async fn handle(&mut self, command: Command) {
+        let open = self.state != ChatState::Closed;
+        match command {
+            Command::Post { member, text, client_msg_id, reply } => {
+                if let Some(id) = &client_msg_id
+                    && let Some(&seq) = self.sent.get(&(member.clone(), id.clone()))
+                {
+                    return self.ack_duplicate(seq, reply);
+                }
+                if !open {
+                    return drop(reply.send(Err(ChatError::Closed)));
+                }
+                let nickname = self.nickname(&member);
+                let seq = self.append(Kind::Message, &member, &nickname, text, client_msg_id.clone(), Some(Ack::Seq(reply)));
+                if let Some(id) = client_msg_id {
+                    self.sent.insert((member, id), seq);
+                }
+            }
+            Command::Join { nickname, reply } => {
+                if !open {
+                    return drop(reply.send(Err(ChatError::Closed)));
+                }
+                let (token, token_sha256) = auth::new_token();
+                let agent = Participant { id: auth::new_id().into(), role: Role::Agent, nickname: nickname.clone(), token_sha256, present: true };
+                let joined = Joined { participant_id: agent.id.clone(), token };
+                self.meta.participants.push(agent.clone());
+                self.state = ChatState::Active;
+                self.meta_dirty = true;
+                self.shared.set_roster(self.roster());
+                self.append(Kind::Joined, &agent.id, &nickname, String::new(), None, Some(Ack::Joined(reply, joined)));
+            }
+            Command::Reconnect { member } => {
+                if let Some(i) = self.must_reconnect.iter().position(|m| *m == member) {
+                    self.must_reconnect.swap_remove(i);
+                    self.shared.set_roster(self.roster());
+                    if open {
+                        let nickname = self.nickname(&member);
+                        self.append(Kind::Reconnected, &member, &nickname, String::new(), None, None);
+                    }
+                }
+            }
+            Command::Leave { member, reply } => {
+                if !open {
+                    return drop(reply.send(Err(ChatError::Closed)));
+                }
+                let nickname = self.nickname(&member);
+                if let Some(p) = self.meta.participants.iter_mut().find(|p| p.id == member) {
+                    p.present = false;
+                }
+                self.meta_dirty = true;
+                self.shared.set_roster(self.roster());
+                self.append(Kind::Left, &member, &nickname, String::new(), None, Some(Ack::Seq(reply)));
+                if !self.meta.participants.iter().any(|p| p.present) {
+                    self.begin_close("everyone left".into(), None);
+                }
+            }
+            Command::Close { reason, reply } => {
+                if !open {
+                    return drop(reply.send(Ok(self.shared.last_seq())));
+                }
+                self.begin_close(reason, Some(reply));
+            }
+        }
+    }
+
+    fn ack_duplicate(&mut self, seq: u64, reply: oneshot::Sender<Result<u64, ChatError>>) {
+        match self.unsaved.iter_mut().find(|p| p.event.seq == seq) {
+            Some(pending) => pending.acks.push(Ack::Seq(reply)),
+            None => drop(reply.send(Ok(seq))),
+        }
+    }
+
+    fn nickname(&self, member: &str) -> Arc<str> {
+        self.meta.participants.iter().find(|p| &*p.id == member).map_or_else(|| "".into(), |p| p.nickname.clone())
+    }
+
+    /// Numbers a new transcript event and starts saving it.
+    fn append(&mut self, kind: Kind, member: &Arc<str>, nickname: &Arc<str>, text: String, client_msg_id: Option<String>, ack: Option<Ack>) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let event = Event::new(seq, kind, member.clone(), nickname.clone(), text, client_msg_id, now_ms());
+        self.unsaved.push(Pending { event, acks: ack.into_iter().collect() });
+        self.start_save();
+        seq
+    }
+
+    fn begin_close(&mut self, reason: String, reply: Option<oneshot::Sender<Result<u64, ChatError>>>) {
+        self.state = ChatState::Closed;
+        self.meta_dirty = true;
+        self.shared.set_roster(self.roster());
+        self.closing.extend(reply);
+        self.append(Kind::Closed, &"".into(), &"".into(), reason, None, None);
+    }
+
+    fn start_save(&mut self) {
+        if self.saving.is_some() || self.retry_at.is_some() || self.unsaved.is_empty() {
+            return;
+        }
+        if self.deps.auto_save == 0 {
+            // No intermediate saves: events are visible and acknowledged at once.
+            self.in_flight = self.unsaved.len();
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Ok(()));
+            self.saving = Some(rx);
+            return;
+        }
+        self.in_flight = self.unsaved.len();
+        let delta = ChatDelta {
+            chat_id: self.shared.id.to_string(),
+            epoch: self.epoch,
+            owner: self.deps.instance_id.to_string(),
+            state: self.state,
+            meta: self.meta_dirty.then(|| serde_json::to_string(&self.meta).expect("meta serializes")),
+            events: self.unsaved.iter().map(|p| p.event.to_wit()).collect(),
+        };
+        self.saving = Some(self.deps.intermediate.submit_save(delta));
+    }
+
+    async fn on_saved(&mut self, result: Result<(), StorageError>) {
+        match result {
+            Ok(()) => {
+                self.attempt = 0;
+                self.last_good_save = Instant::now();
+                self.meta_dirty = false;
+                let saved: Vec<Pending> = self.unsaved.drain(..self.in_flight).collect();
+                self.in_flight = 0;
+                let messages = saved.iter().filter(|p| p.event.kind == Kind::Message).count();
+                self.deps.kpi.messages_saved.fetch_add(messages as u64, std::sync::atomic::Ordering::Relaxed);
+                self.shared.publish(saved.iter().map(|p| p.event.clone()));
+                for p in saved {
+                    for ack in p.acks {
+                        ack.send(Ok(p.event.seq));
+                    }
+                }
+                if self.deps.auto_save == 2 {
+                    self.raise(NoticeKind::TranscriptSaved, None, String::new());
+                }
+                self.start_save();
+                if self.unsaved.is_empty() && !self.closing.is_empty() {
+                    self.finish_close().await;
+                }
+            }
+            Err(e) => self.on_save_failed(e).await,
+        }
+    }
+
+    async fn on_save_failed(&mut self, e: StorageError) {
+        self.in_flight = 0;
+        self.deps.kpi.save_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if e.kind == ErrorKind::StaleEpoch {
+            // Another instance restored this chat: it is theirs now, and our unsaved events never were.
+            warn!(event_id = "chat.fenced", chat_id = %self.shared.id, epoch = self.epoch, "save refused: another instance owns this chat; dropping it");
+            self.fail_unsaved(ChatError::Moved);
+            self.deps.kpi.chat_ended(false);
+            self.ended = true;
+            return;
+        }
+        self.attempt += 1;
+        let failure = SaveFailure {
+            chat_id: self.shared.id.to_string(),
+            attempt: self.attempt,
+            error_kind: e.kind,
+            message: e.message.clone(),
+            ms_since_last_save: self.last_good_save.elapsed().as_millis() as u64,
+            pending_messages: self.unsaved.iter().filter(|p| p.event.kind == Kind::Message).count() as u32,
+        };
+        warn!(event_id = "chat.save_failed", chat_id = %self.shared.id, attempt = self.attempt, cause = %e, "saving the transcript failed");
+        match self.deps.policy.decide(failure).await {
+            Decision::Retry(delay_ms) => {
+                self.retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(delay_ms.into()));
+            }
+            Decision::Continue(reason) => {
+                self.raise(NoticeKind::SaveFailed, None, reason.clone());
+                self.fail_unsaved(ChatError::NotSaved(reason));
+            }
+            Decision::Close(reason) => {
+                error!(event_id = "chat.closed_on_error", chat_id = %self.shared.id, cause = %e, "closing the chat: its transcript cannot be saved");
+                self.raise(NoticeKind::ChatClosed, None, reason.clone());
+                self.fail_unsaved(ChatError::NotSaved(reason.clone()));
+                // As in the reference: closed without a final save. The `closed` event cannot
+                // be stored, so participants get it live.
+                self.state = ChatState::Closed;
+                self.shared.set_roster(self.roster());
+                let _ = self.shared.live.send(Event::new(0, Kind::Closed, "".into(), "".into(), reason, None, now_ms()));
+                for closer in self.closing.drain(..) {
+                    let _ = closer.send(Err(ChatError::Closed));
+                }
+                self.deps.kpi.chat_ended(true);
+            }
+        }
+    }
+
+    /// Drops every unsaved event and tells whoever waits for them; their numbers are reused,
+    /// so the transcript stays dense and no reader ever saw them.
+    fn fail_unsaved(&mut self, why: ChatError) {
+        if let Some(first) = self.unsaved.first() {
+            self.next_seq = first.event.seq;
+        }
+        for p in self.unsaved.drain(..) {
+            if let Some(id) = &p.event.client_msg_id {
+                self.sent.remove(&(p.event.participant_id.clone(), id.clone()));
+            }
+            if p.event.kind == Kind::Joined {
+                self.meta.participants.retain(|m| m.id != p.event.participant_id);
+            }
+            for ack in p.acks {
+                ack.send(Err(why.clone()));
+            }
+        }
+        if self.meta.participants.is_empty() {
+            // The chat's creation itself was not saved: it never existed.
+            self.ended = true;
+            self.deps.kpi.chat_ended(false);
+        }
+        if self.state == ChatState::Closed && !self.ended {
+            // The `closed` event was among the dropped ones: the chat stays open.
+            let agent_here = self.meta.participants.iter().any(|p| p.role == Role::Agent && p.present);
+            self.state = if agent_here { ChatState::Active } else { ChatState::Waiting };
+            for closer in self.closing.drain(..) {
+                let _ = closer.send(Err(why.clone()));
+            }
+        }
+        self.meta_dirty = true;
+        self.shared.set_roster(self.roster());
+    }
+
+    /// Stores the final transcript, then drops the intermediate one.
+    async fn finish_close(&mut self) {
+        let transcript = Transcript {
+            chat_id: self.shared.id.to_string(),
+            epoch: self.epoch,
+            state: ChatState::Closed,
+            meta: serde_json::to_string(&self.meta).expect("meta serializes"),
+            events: self.shared.full_transcript().iter().map(|e| e.to_wit()).collect(),
+        };
+        let mut result = Err(ChatError::Closed);
+        for attempt in 1..=3 {
+            match self.deps.final_store.save_final(transcript.clone()).await {
+                Ok(()) => {
+                    result = Ok(self.shared.last_seq());
+                    break;
+                }
+                Err(e) => {
+                    error!(event_id = "chat.final_save_failed", chat_id = %self.shared.id, attempt, cause = %e, "saving the final transcript failed");
+                    result = Err(ChatError::NotSaved(e.message));
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+            }
+        }
+        if result.is_ok() && self.deps.auto_save > 0 {
+            if let Err(e) = self.deps.intermediate.purge(&self.shared.id).await {
+                warn!(event_id = "chat.purge_failed", chat_id = %self.shared.id, cause = %e, "the intermediate transcript stays until its TTL");
+            }
+        }
+        self.deps.kpi.chat_ended(true);
+        info!(event_id = "chat.deleted", chat_id = %self.shared.id, sessions_current = self.deps.kpi.sessions_current.load(std::sync::atomic::Ordering::Relaxed), "chat closed");
+        for closer in self.closing.drain(..) {
+            let _ = closer.send(result.clone());
+        }
+    }
+
+    fn raise(&self, kind: NoticeKind, participant_id: Option<String>, detail: String) {
+        let notice = Notice { chat_id: self.shared.id.to_string(), kind, participant_id, detail };
+        self.deps.notices.raise(notice, self.shared.clone());
+    }
+}

@@ -1,0 +1,196 @@
+//! The deployment: the TOML file (all optional) merged with command-line flags and the
+//! development token variables. Every reference-guide option has its field here.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("deployment file {path}: {problem}")]
+    File { path: PathBuf, problem: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Deployment {
+    pub server: ServerSection,
+    pub transcript: TranscriptSection,
+    pub restore: RestoreSection,
+    pub limits: LimitsSection,
+    pub auth: AuthSection,
+    pub sqlite: SqliteSection,
+    pub plugins: PluginsSection,
+    /// Directory the deployment file lives in; relative plugin paths resolve against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub listen: SocketAddr,
+    pub data: PathBuf,
+    pub instance_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TranscriptSection {
+    /// transcript-auto-save: 0 no intermediate saves, 1 save before every ack, 2 also notify.
+    pub auto_save: u8,
+    /// Most chat deltas one store call carries (group commit).
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreMode {
+    None,
+    Simple,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestoreSection {
+    /// session-restoration-mode.
+    pub mode: RestoreMode,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_message_chars: usize,
+    pub max_body_bytes: usize,
+    pub max_nickname_chars: usize,
+    /// How long a closed chat stays in memory for late readers before only its final
+    /// transcript remains.
+    pub closed_chat_linger_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// SHA-256 hex digests of agent tokens (`parley token hash` prints one).
+    pub agent_token_hashes: Vec<String>,
+    pub admin_token_hashes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    Normal,
+    Full,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqliteSection {
+    /// FULL survives power loss; NORMAL (WAL) survives a process crash only.
+    pub synchronous: Synchronous,
+    pub busy_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsSection {
+    pub intermediate: Option<PluginSection>,
+    #[serde(rename = "final")]
+    pub final_: Option<PluginSection>,
+    #[serde(rename = "save-error-policy")]
+    pub save_error_policy: Option<PluginSection>,
+    #[serde(rename = "notice-handler")]
+    pub notice_handler: Option<PluginSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSection {
+    /// A component file, or `builtin:NAME` for a plugin compiled into the host.
+    pub file: String,
+    /// Host capabilities this plugin may import: "sql", "log", "clock", "random".
+    #[serde(default)]
+    pub grants: Option<Vec<String>>,
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    #[serde(default)]
+    pub settings: BTreeMap<String, toml::Value>,
+}
+
+fn default_memory_mb() -> u64 {
+    64
+}
+fn default_deadline_ms() -> u64 {
+    2000
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:8080".parse().unwrap(), data: PathBuf::from("parley-data"), instance_id: None }
+    }
+}
+impl Default for TranscriptSection {
+    fn default() -> Self {
+        Self { auto_save: 1, max_batch: 4096 }
+    }
+}
+impl Default for RestoreSection {
+    fn default() -> Self {
+        Self { mode: RestoreMode::Simple }
+    }
+}
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self { max_message_chars: 4096, max_body_bytes: 64 * 1024, max_nickname_chars: 64, closed_chat_linger_ms: 600_000 }
+    }
+}
+impl Default for SqliteSection {
+    fn default() -> Self {
+        Self { synchronous: Synchronous::Full, busy_timeout_ms: 5000 }
+    }
+}
+impl Default for Deployment {
+    fn default() -> Self {
+        Self {
+            server: ServerSection::default(),
+            transcript: TranscriptSection::default(),
+            restore: RestoreSection::default(),
+            limits: LimitsSection::default(),
+            auth: AuthSection::default(),
+            sqlite: SqliteSection::default(),
+            plugins: PluginsSection::default(),
+            base_dir: PathBuf::from("."),
+        }
+    }
+}
+
+impl Deployment {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let problem = |p: String| ConfigError::File { path: path.to_path_buf(), problem: p };
+        let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
+        let mut d: Deployment = toml::from_str(&text).map_err(|e| problem(e.message().to_string()))?;
+        d.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        d.validate()?;
+        Ok(d)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.transcript.auto_save > 2 {
+            return Err(ConfigError::Invalid(format!("transcript.auto_save must be 0, 1 or 2, not {}", self.transcript.auto_save)));
+        }
+        if self.transcript.max_batch == 0 {
+            return Err(ConfigError::Invalid("transcript.max_batch must be at least 1".into()));
+        }
+        for hash in self.auth.agent_token_hashes.iter().chain(&self.auth.admin_token_hashes) {
+            if hash.len() != 64 || hex::decode(hash).is_err() {
+                return Err(ConfigError::Invalid(format!("auth: {hash:?} is not a SHA-256 hex digest")));
+            }
+        }
+        Ok(())
+    }
+}

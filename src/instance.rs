@@ -1,0 +1,89 @@
+//! One Parley instance: loads and checks the deployment's plugins (refusing to start with one
+//! line naming slot, file and problem), starts a worker per slot, and binds the listener.
+
+use crate::auth::{self, StaffTokens};
+use crate::chat::{Chats, Deps};
+use crate::config::Deployment;
+use crate::kpi::Kpi;
+use crate::plugins::bindings::{NoticeHandler, SaveErrorPolicy, TranscriptStore};
+use crate::plugins::slots::{NoticeSlot, PolicySlot, StoreSlot};
+use crate::plugins::{Instance, LoadError, Runtime, Slot, World};
+use crate::server::App;
+use crate::storage::sqlite::DatabaseFile;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+pub struct Started {
+    pub app: Arc<App>,
+    pub listener: tokio::net::TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Plugin(#[from] LoadError),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
+    let data = &deployment.server.data;
+    std::fs::create_dir_all(data).map_err(|e| StartError::Other(format!("data directory {}: {e}", data.display())))?;
+    let instance_id: Arc<str> = deployment.server.instance_id.clone().unwrap_or_else(|| format!("i-{}", &auth::new_id()[..8])).into();
+    let runtime = Runtime::new(data.join("plugin-cache")).map_err(|e| StartError::Other(format!("plugin runtime: {e:#}")))?;
+    let database = DatabaseFile {
+        path: data.join("parley.db"),
+        synchronous: deployment.sqlite.synchronous,
+        busy_timeout: Duration::from_millis(deployment.sqlite.busy_timeout_ms),
+    };
+    let kpi = Arc::new(Kpi::default());
+
+    let intermediate = ready::<TranscriptStore>(&runtime, &deployment, Slot::Intermediate, Some(database.clone())).await?;
+    let final_store = ready::<TranscriptStore>(&runtime, &deployment, Slot::Final, Some(database.clone())).await?;
+    let policy = ready::<SaveErrorPolicy>(&runtime, &deployment, Slot::SaveErrorPolicy, None).await?;
+    let notices = ready::<NoticeHandler>(&runtime, &deployment, Slot::NoticeHandler, None).await?;
+    let slots = (
+        StoreSlot::spawn(intermediate, deployment.transcript.max_batch, kpi.clone()),
+        StoreSlot::spawn(final_store, 64, kpi.clone()),
+        PolicySlot::spawn(policy),
+        NoticeSlot::spawn(notices),
+    );
+
+    let mut staff = StaffTokens::default();
+    let decode = |h: &String| {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(h, &mut out).map(|_| out)
+    };
+    staff.agents = deployment.auth.agent_token_hashes.iter().filter_map(|h| decode(h).ok()).collect();
+    staff.admins = deployment.auth.admin_token_hashes.iter().filter_map(|h| decode(h).ok()).collect();
+    if let Ok(t) = std::env::var("PARLEY_AGENT_TOKEN") {
+        staff.agents.push(auth::hash(&t));
+    }
+    if let Ok(t) = std::env::var("PARLEY_ADMIN_TOKEN") {
+        staff.admins.push(auth::hash(&t));
+    }
+
+    let listener = tokio::net::TcpListener::bind(deployment.server.listen)
+        .await
+        .map_err(|e| StartError::Other(format!("cannot listen on {}: {e}", deployment.server.listen)))?;
+    let deps = Deps::new(&deployment, instance_id.clone(), slots, kpi.clone());
+    let app = Arc::new(App {
+        instance_id,
+        chats: Chats::new(deps),
+        staff,
+        limits: deployment.limits.clone(),
+        kpi,
+        draining: AtomicBool::new(false),
+    });
+    Ok(Started { app, listener })
+}
+
+/// Loads a slot's plugin and instantiates it once, so bad settings stop the start, not a chat.
+async fn ready<W: World>(runtime: &Arc<Runtime>, deployment: &Deployment, slot: Slot, database: Option<DatabaseFile>) -> Result<Instance<W>, LoadError> {
+    let plugin = Arc::new(runtime.load_slot(deployment, slot)?);
+    let file = plugin.file.clone();
+    let mut instance = runtime.instance::<W>(plugin, database);
+    instance.warm_up().await.map_err(|fault| LoadError { slot: slot.name(), file, problem: fault.to_string() })?;
+    Ok(instance)
+}

@@ -1,0 +1,277 @@
+//! One worker thread per plugin slot. Each owns its plugin instance and takes jobs from a
+//! channel, draining everything queued into one plugin call: the store slot's group commit
+//! (one `save` call, one SQLite transaction, for every chat with unsaved events), and one
+//! `decide` / `handle` call for all pending policy and notice work.
+
+use super::bindings::notices::{Audience, Delivery, Notice};
+use super::bindings::policy::{Decision, ErrorKind, SaveFailure};
+use super::bindings::types::{ChatDelta, StoreError, Transcript};
+use super::bindings::{NoticeHandler, SaveErrorPolicy, TranscriptStore};
+use super::{Instance, PluginFault};
+use crate::kpi::Kpi;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// Why a storage operation failed, as the policy sees it.
+#[derive(Debug, Clone)]
+pub struct StorageError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl std::fmt::Display for StorageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<StoreError> for StorageError {
+    fn from(e: StoreError) -> Self {
+        let kind = match &e {
+            StoreError::Unavailable(_) => ErrorKind::Unavailable,
+            StoreError::StaleEpoch(_) => ErrorKind::StaleEpoch,
+            StoreError::Invalid(_) => ErrorKind::Invalid,
+            StoreError::Internal(_) => ErrorKind::Internal,
+        };
+        StorageError { kind, message: store_error_message(&e) }
+    }
+}
+
+impl From<PluginFault> for StorageError {
+    fn from(f: PluginFault) -> Self {
+        StorageError { kind: ErrorKind::PluginFault, message: f.to_string() }
+    }
+}
+
+pub fn store_error_message(e: &StoreError) -> String {
+    match e {
+        StoreError::Unavailable(m) => format!("storage unavailable: {m}"),
+        StoreError::StaleEpoch(m) => format!("stale epoch: {m}"),
+        StoreError::Invalid(m) => format!("invalid: {m}"),
+        StoreError::Internal(m) => format!("storage error: {m}"),
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
+
+enum StoreJob {
+    Save(ChatDelta, Reply<()>),
+    Claim { chat_id: String, owner: String, expected_epoch: u64, reply: Reply<u64> },
+    Load(String, Reply<Option<Transcript>>),
+    SaveFinal(Transcript, Reply<()>),
+    Purge(String, Reply<()>),
+}
+
+/// A handle on a store slot (`intermediate` or `final`).
+#[derive(Clone)]
+pub struct StoreSlot {
+    jobs: mpsc::UnboundedSender<StoreJob>,
+}
+
+impl StoreSlot {
+    pub fn spawn(instance: Instance<TranscriptStore>, max_batch: usize, kpi: Arc<Kpi>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let name = format!("parley-{}", instance.plugin.slot.name());
+        spawn_worker(name, move || run_store(instance, rx, max_batch, kpi));
+        Self { jobs: tx }
+    }
+
+    async fn ask<T>(&self, job: impl FnOnce(Reply<T>) -> StoreJob) -> Result<T, StorageError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs.send(job(tx)).map_err(|_| StorageError::from(PluginFault::Gone))?;
+        rx.await.unwrap_or_else(|_| Err(PluginFault::Gone.into()))
+    }
+
+    /// Queues one chat's delta for the next group commit; the receiver resolves when the
+    /// commit that carried it finished. Each chat has at most one save in flight, so the
+    /// queue is bounded by the number of chats.
+    pub fn submit_save(&self, delta: ChatDelta) -> oneshot::Receiver<Result<(), StorageError>> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(StoreJob::Save(_, tx))) = self.jobs.send(StoreJob::Save(delta, tx)) {
+            let _ = tx.send(Err(PluginFault::Gone.into()));
+        }
+        rx
+    }
+    pub async fn claim(&self, chat_id: &str, owner: &str, expected_epoch: u64) -> Result<u64, StorageError> {
+        self.ask(|reply| StoreJob::Claim { chat_id: chat_id.into(), owner: owner.into(), expected_epoch, reply }).await
+    }
+    pub async fn load(&self, chat_id: &str) -> Result<Option<Transcript>, StorageError> {
+        self.ask(|r| StoreJob::Load(chat_id.into(), r)).await
+    }
+    pub async fn save_final(&self, transcript: Transcript) -> Result<(), StorageError> {
+        self.ask(|r| StoreJob::SaveFinal(transcript, r)).await
+    }
+    pub async fn purge(&self, chat_id: &str) -> Result<(), StorageError> {
+        self.ask(|r| StoreJob::Purge(chat_id.into(), r)).await
+    }
+}
+
+async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::UnboundedReceiver<StoreJob>, max_batch: usize, kpi: Arc<Kpi>) {
+    let mut jobs = Vec::with_capacity(max_batch);
+    let mut deltas = Vec::with_capacity(max_batch);
+    let mut replies = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut jobs, max_batch).await > 0 {
+        let mut others = Vec::new();
+        for job in jobs.drain(..) {
+            match job {
+                StoreJob::Save(delta, reply) => {
+                    deltas.push(delta);
+                    replies.push(reply);
+                }
+                other => others.push(other),
+            }
+        }
+        if !deltas.is_empty() {
+            let started = Instant::now();
+            let result = instance.call(async |b, s| b.parley_plugin_store().call_save(s, &deltas).await).await;
+            kpi.record_save_batch(deltas.len(), deltas.iter().map(|d| d.events.len()).sum(), started.elapsed());
+            match result {
+                Ok(results) if results.len() == deltas.len() => {
+                    for (r, reply) in results.into_iter().zip(replies.drain(..)) {
+                        let _ = reply.send(r.map_err(StorageError::from));
+                    }
+                }
+                Ok(results) => {
+                    let fault = PluginFault::Trap(format!("save returned {} results for {} chats", results.len(), deltas.len()));
+                    for reply in replies.drain(..) {
+                        let _ = reply.send(Err(fault.clone().into()));
+                    }
+                }
+                Err(fault) => {
+                    for reply in replies.drain(..) {
+                        let _ = reply.send(Err(fault.clone().into()));
+                    }
+                }
+            }
+            deltas.clear();
+        }
+        for job in others {
+            match job {
+                StoreJob::Save(..) => unreachable!("saves were batched above"),
+                StoreJob::Claim { chat_id, owner, expected_epoch, reply } => {
+                    let r = instance.call(async |b, s| b.parley_plugin_store().call_claim(s, &chat_id, &owner, expected_epoch).await).await;
+                    let _ = reply.send(flatten(r));
+                }
+                StoreJob::Load(chat_id, reply) => {
+                    let r = instance.call(async |b, s| b.parley_plugin_store().call_load(s, &chat_id).await).await;
+                    let _ = reply.send(flatten(r));
+                }
+                StoreJob::SaveFinal(transcript, reply) => {
+                    let r = instance.call(async |b, s| b.parley_plugin_store().call_save_final(s, &transcript).await).await;
+                    let _ = reply.send(flatten(r));
+                }
+                StoreJob::Purge(chat_id, reply) => {
+                    let r = instance.call(async |b, s| b.parley_plugin_store().call_purge(s, &chat_id).await).await;
+                    let _ = reply.send(flatten(r));
+                }
+            }
+        }
+    }
+}
+
+fn flatten<T>(r: Result<Result<T, StoreError>, PluginFault>) -> Result<T, StorageError> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.into()),
+        Err(f) => Err(f.into()),
+    }
+}
+
+/// A handle on the save-error-policy slot.
+#[derive(Clone)]
+pub struct PolicySlot {
+    jobs: mpsc::Sender<(SaveFailure, oneshot::Sender<Decision>)>,
+}
+
+impl PolicySlot {
+    pub fn spawn(instance: Instance<SaveErrorPolicy>) -> Self {
+        let (tx, rx) = mpsc::channel(16 * 1024);
+        spawn_worker("parley-save-error-policy".into(), move || run_policy(instance, rx));
+        Self { jobs: tx }
+    }
+
+    pub async fn decide(&self, failure: SaveFailure) -> Decision {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send((failure, tx)).await.is_err() {
+            return Decision::Close("the save-error policy is not running".into());
+        }
+        rx.await.unwrap_or_else(|_| Decision::Close("the save-error policy is not running".into()))
+    }
+}
+
+async fn run_policy(mut instance: Instance<SaveErrorPolicy>, mut rx: mpsc::Receiver<(SaveFailure, oneshot::Sender<Decision>)>) {
+    let mut jobs = Vec::new();
+    while rx.recv_many(&mut jobs, 1024).await > 0 {
+        let (failures, replies): (Vec<_>, Vec<_>) = jobs.drain(..).unzip();
+        let decisions = match instance.call(async |b, s| b.parley_plugin_policy().call_decide(s, &failures).await).await {
+            Ok(d) if d.len() == failures.len() => d,
+            Ok(_) => vec![Decision::Close("the save-error policy answered with the wrong number of decisions".into()); failures.len()],
+            // A broken policy must not keep a chat open on unsaved messages: close.
+            Err(fault) => vec![Decision::Close(format!("the save-error policy failed ({fault})")); failures.len()],
+        };
+        for (decision, reply) in decisions.into_iter().zip(replies) {
+            let _ = reply.send(decision);
+        }
+    }
+}
+
+/// Where the deliveries for one chat go.
+pub trait NoticeSink: Send + Sync {
+    fn deliver(&self, audience: Audience, text: String);
+}
+
+/// A handle on the notice-handler slot. Raising a notice never waits for the plugin.
+#[derive(Clone)]
+pub struct NoticeSlot {
+    jobs: mpsc::UnboundedSender<(Notice, Arc<dyn NoticeSink>)>,
+}
+
+impl NoticeSlot {
+    pub fn spawn(instance: Instance<NoticeHandler>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        spawn_worker("parley-notice-handler".into(), move || run_notices(instance, rx));
+        Self { jobs: tx }
+    }
+
+    pub fn raise(&self, notice: Notice, sink: Arc<dyn NoticeSink>) {
+        let _ = self.jobs.send((notice, sink));
+    }
+}
+
+async fn run_notices(mut instance: Instance<NoticeHandler>, mut rx: mpsc::UnboundedReceiver<(Notice, Arc<dyn NoticeSink>)>) {
+    let mut jobs = Vec::new();
+    while rx.recv_many(&mut jobs, 1024).await > 0 {
+        let mut sinks: HashMap<String, Arc<dyn NoticeSink>> = HashMap::with_capacity(jobs.len());
+        let notices: Vec<Notice> = jobs
+            .drain(..)
+            .map(|(n, sink)| {
+                sinks.insert(n.chat_id.clone(), sink);
+                n
+            })
+            .collect();
+        let deliveries: Vec<Delivery> = match instance.call(async |b, s| b.parley_plugin_notices().call_handle(s, &notices).await).await {
+            Ok(d) => d,
+            Err(_) => continue, // logged by the instance; notices are advisory
+        };
+        for d in deliveries {
+            if let Some(sink) = sinks.get(&d.chat_id) {
+                sink.deliver(d.audience, d.text);
+            }
+        }
+    }
+}
+
+/// Runs a slot's loop on its own thread and single-threaded runtime, so a plugin call (and a
+/// blocking SQLite commit inside it) never stalls the threads serving HTTP.
+fn spawn_worker<F: Future<Output = ()> + 'static>(name: String, make: impl FnOnce() -> F + Send + 'static) {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("worker runtime");
+            rt.block_on(make());
+        })
+        .expect("spawn plugin worker thread");
+}

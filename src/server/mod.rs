@@ -1,0 +1,61 @@
+//! The HTTP side of an instance: accepts connections (hyper, HTTP/1.1 with upgrades for
+//! WebSocket) and hands each request to the API router.
+
+mod api;
+mod ws;
+
+use crate::auth::StaffTokens;
+use crate::chat::Chats;
+use crate::config::LimitsSection;
+use crate::kpi::Kpi;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+/// Everything a request handler can reach.
+pub struct App {
+    pub instance_id: Arc<str>,
+    pub chats: Chats,
+    pub staff: StaffTokens,
+    pub limits: LimitsSection,
+    pub kpi: Arc<Kpi>,
+    pub draining: AtomicBool,
+}
+
+/// Serves `app` on an already bound listener until `shutdown` resolves.
+pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(cause = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, std::convert::Infallible>(api::route(app, req).await) }
+            });
+            let conn = http1::Builder::new()
+                .max_buf_size(64 * 1024)
+                .header_read_timeout(std::time::Duration::from_secs(30))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                debug!(%peer, cause = %e, "connection ended with an error");
+            }
+        });
+    }
+}

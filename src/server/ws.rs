@@ -1,0 +1,75 @@
+//! `GET /v1/chats/{id}/ws`: the chat's events as WebSocket text frames, in order, starting
+//! after `?after=`. Browsers cannot set headers on a WebSocket, so the participant token may
+//! also come as `?token=`.
+
+use super::App;
+use super::api::{ApiError, Body, bearer, participant, query_pairs, query_u64};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
+
+pub async fn upgrade(app: &Arc<App>, chat_id: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let after = query_u64(&req, "after", 0)?;
+    let token = bearer(&req).map(str::to_owned).or_else(|| query_pairs(&req).into_iter().find(|(k, _)| k == "token").map(|(_, v)| v));
+    let (chat, member) = participant(app, chat_id, token.as_deref()).await?;
+    let key = req
+        .headers()
+        .get(SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "not_websocket", "this endpoint needs a WebSocket upgrade request"))?;
+    let accept = derive_accept_key(key.as_bytes());
+    tokio::spawn(async move {
+        let Ok(upgraded) = hyper::upgrade::on(req).await else { return };
+        let mut config = WebSocketConfig::default();
+        config.max_message_size = Some(64 << 10);
+        config.max_frame_size = Some(64 << 10);
+        let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, Some(config)).await;
+        let (mut sink, mut incoming) = socket.split();
+        let shared = chat.shared.clone();
+        let mut live = shared.subscribe_live();
+        let mut committed = shared.watch_committed();
+        let mut last = after;
+        loop {
+            committed.borrow_and_update();
+            for e in shared.events_after(last, 1000, member.role) {
+                last = e.seq;
+                if sink.send(Message::text(&*e.json)).await.is_err() {
+                    return;
+                }
+            }
+            if shared.last_seq() > last {
+                continue;
+            }
+            tokio::select! {
+                changed = committed.changed() => if changed.is_err() { return },
+                ev = live.recv() => match ev {
+                    Ok(ev) if ev.visible_to(member.role) => {
+                        if sink.send(Message::text(&*ev.json)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
+                },
+                frame = incoming.next() => match frame {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    });
+    let mut response = Response::new(Full::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("accept key is ASCII"));
+    Ok(response)
+}

@@ -1,0 +1,3 @@
+//! Storage capabilities the host lends to store plugins.
+
+pub mod sqlite;
