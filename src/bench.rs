@@ -29,6 +29,11 @@ pub struct Options {
     /// Agent token for --target (PARLEY_AGENT_TOKEN by default).
     #[arg(long)]
     pub agent_token: Option<String>,
+    /// Offered load in messages/s across all chats, each chat sending on a fixed schedule;
+    /// latency counts from the scheduled time, so a stalled server cannot hide its queue.
+    /// 0 (default): every chat sends its next message as soon as the last is acknowledged.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
     /// SQLite synchronous mode of the instance the bench starts: full or normal.
     #[arg(long, default_value = "full")]
     pub synchronous: String,
@@ -44,7 +49,13 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             (addr, "bench-agent-token".to_string())
         }
     };
-    println!("parley bench: {} chats for {} s against {target} (sqlite synchronous={})", o.chats, o.seconds, if o.target.is_some() { "as configured" } else { &o.synchronous });
+    let offered = if o.rate > 0 { format!("{} msg/s offered", o.rate) } else { "closed loop".to_string() };
+    println!(
+        "parley bench: {} chats, {offered}, {} s against {target} (sqlite synchronous={})",
+        o.chats,
+        o.seconds,
+        if o.target.is_some() { "as configured" } else { &o.synchronous }
+    );
 
     // Open the chats, an agent in each.
     let mut setup = tokio::task::JoinSet::new();
@@ -69,8 +80,11 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(o.seconds);
     let started = Instant::now();
     let mut load = tokio::task::JoinSet::new();
-    for (mut client, chat_id, customer, agent) in chats {
+    let interval = (o.rate > 0).then(|| Duration::from_secs_f64(o.chats as f64 / o.rate as f64));
+    for (i, (mut client, chat_id, customer, agent)) in chats.into_iter().enumerate() {
         let text = text.clone();
+        // Spread the chats' schedules evenly over one interval.
+        let mut next = tokio::time::Instant::now() + interval.map_or(Duration::ZERO, |iv| iv.mul_f64(i as f64 / o.chats as f64));
         load.spawn(async move {
             let path = format!("/v1/chats/{chat_id}/messages");
             let mut latencies_us: Vec<u32> = Vec::with_capacity(4096);
@@ -78,7 +92,15 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             let mut n = 0u64;
             while Instant::now() < deadline {
                 let token = if n % 2 == 0 { &customer } else { &agent };
-                let sent = Instant::now();
+                let sent = match interval {
+                    Some(iv) => {
+                        tokio::time::sleep_until(next).await;
+                        let scheduled = next.into_std();
+                        next += iv;
+                        scheduled
+                    }
+                    None => Instant::now(),
+                };
                 let reply = client.post(&path, Some(token), json!({"text": text, "client_msg_id": format!("m{n}")})).await;
                 match reply {
                     Ok(r) if r.status == 200 => latencies_us.push(sent.elapsed().as_micros() as u32),

@@ -52,6 +52,8 @@ struct Session {
     in_flight: usize,
     saving: Option<oneshot::Receiver<Result<(), StorageError>>>,
     meta_dirty: bool,
+    /// Whether the save in flight carries the metadata (to resend it if that save fails).
+    meta_in_flight: bool,
     /// (participant, client_msg_id) -> seq, saved or pending: resends get the original seq.
     sent: HashMap<(Arc<str>, String), u64>,
     must_reconnect: Vec<Arc<str>>,
@@ -118,6 +120,7 @@ impl Session {
             in_flight: 0,
             saving: None,
             meta_dirty: true,
+            meta_in_flight: false,
             sent,
             must_reconnect,
             attempt: 0,
@@ -298,12 +301,13 @@ impl Session {
             return;
         }
         self.in_flight = self.unsaved.len();
+        self.meta_in_flight = std::mem::take(&mut self.meta_dirty);
         let delta = ChatDelta {
             chat_id: self.shared.id.to_string(),
             epoch: self.epoch,
             owner: self.deps.instance_id.to_string(),
             state: self.state,
-            meta: self.meta_dirty.then(|| serde_json::to_string(&self.meta).expect("meta serializes")),
+            meta: self.meta_in_flight.then(|| serde_json::to_string(&self.meta).expect("meta serializes")),
             events: self.unsaved.iter().map(|p| p.event.to_wit()).collect(),
         };
         self.saving = Some(self.deps.intermediate.submit_save(delta));
@@ -314,7 +318,6 @@ impl Session {
             Ok(()) => {
                 self.attempt = 0;
                 self.last_good_save = Instant::now();
-                self.meta_dirty = false;
                 let saved: Vec<Pending> = self.unsaved.drain(..self.in_flight).collect();
                 self.in_flight = 0;
                 let messages = saved.iter().filter(|p| p.event.kind == Kind::Message).count();
@@ -339,6 +342,7 @@ impl Session {
 
     async fn on_save_failed(&mut self, e: StorageError) {
         self.in_flight = 0;
+        self.meta_dirty |= self.meta_in_flight;
         self.deps.kpi.save_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if e.kind == ErrorKind::StaleEpoch {
             // Another instance restored this chat: it is theirs now, and our unsaved events never were.

@@ -140,9 +140,21 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
                         let _ = reply.send(Err(fault.clone().into()));
                     }
                 }
-                Err(fault) => {
-                    for reply in replies.drain(..) {
-                        let _ = reply.send(Err(fault.clone().into()));
+                Err(fault) if deltas.len() == 1 => {
+                    let _ = replies.pop().expect("one reply per delta").send(Err(fault.into()));
+                }
+                Err(_) => {
+                    // One chat's delta may have made the plugin trap, loop or blow its memory:
+                    // resend each alone so only that chat's save fails.
+                    for (delta, reply) in deltas.drain(..).zip(replies.drain(..)) {
+                        let one = std::slice::from_ref(&delta);
+                        let r = instance.call(async |b, s| b.parley_plugin_store().call_save(s, one).await).await;
+                        let r = match r {
+                            Ok(mut results) if results.len() == 1 => results.pop().expect("one result").map_err(StorageError::from),
+                            Ok(_) => Err(PluginFault::Trap("save returned the wrong number of results".into()).into()),
+                            Err(fault) => Err(fault.into()),
+                        };
+                        let _ = reply.send(r);
                     }
                 }
             }

@@ -26,8 +26,8 @@ const SCHEMA: &[&str] = &[
 /// Upserts a chat row only while the writer's epoch is the chat's epoch: 0 rows changed
 /// means another owner has claimed the chat since (the write is fenced off).
 const UPSERT_CHAT: &str = "INSERT INTO chats (chat_id, epoch, owner, state, meta)
-    VALUES (?1, ?2, ?3, ?4, coalesce(?5, '{}'))
-    ON CONFLICT (chat_id) DO UPDATE SET state = excluded.state, meta = coalesce(?5, chats.meta)
+    VALUES (?1, ?2, ?3, ?4, ?5)
+    ON CONFLICT (chat_id) DO UPDATE SET state = excluded.state, meta = excluded.meta
     WHERE chats.epoch = excluded.epoch";
 
 const INSERT_EVENT: &str = "INSERT OR REPLACE INTO events
@@ -45,17 +45,29 @@ pub fn init(_settings: &Settings) -> Result<(), StoreError> {
     sql::transaction(&statements).map(drop).map_err(store_error)
 }
 
+/// One transaction for all deltas. The chat row is written only when the chat's metadata
+/// changed (the host sends `meta` then): rewriting it on every message would dirty a second
+/// page per chat per commit. Event rows carry their own epoch fence.
 pub fn save(deltas: &[ChatDelta]) -> Vec<Result<(), StoreError>> {
-    let mut chats = Vec::with_capacity(deltas.len());
+    let mut chats = Vec::new();
     let mut events = Vec::new();
+    // Per delta: which row of which statement tells whether its epoch was current.
+    let mut fence = Vec::with_capacity(deltas.len());
     for delta in deltas {
-        chats.push(vec![
-            Value::Text(delta.chat_id.clone()),
-            Value::Integer(delta.epoch as i64),
-            Value::Text(delta.owner.clone()),
-            Value::Text(state_name(delta.state).to_string()),
-            delta.meta.clone().map_or(Value::Null, Value::Text),
-        ]);
+        if let Some(meta) = &delta.meta {
+            fence.push(Some((0, chats.len())));
+            chats.push(vec![
+                Value::Text(delta.chat_id.clone()),
+                Value::Integer(delta.epoch as i64),
+                Value::Text(delta.owner.clone()),
+                Value::Text(state_name(delta.state).to_string()),
+                Value::Text(meta.clone()),
+            ]);
+        } else if delta.events.is_empty() {
+            fence.push(None);
+        } else {
+            fence.push(Some((1, events.len())));
+        }
         for event in &delta.events {
             let mut row = event_row(&delta.chat_id, event);
             row.push(Value::Integer(delta.epoch as i64));
@@ -67,18 +79,15 @@ pub fn save(deltas: &[ChatDelta]) -> Vec<Result<(), StoreError>> {
         Statement { sql: INSERT_EVENT.to_string(), rows: events },
     ];
     match sql::transaction(&statements) {
-        Ok(changed) => changed[0]
+        Ok(changed) => fence
             .iter()
             .zip(deltas)
-            .map(|(&n, delta)| {
-                if n == 1 {
-                    Ok(())
-                } else {
-                    Err(StoreError::StaleEpoch(format!(
-                        "chat {} has moved past epoch {}",
-                        delta.chat_id, delta.epoch
-                    )))
-                }
+            .map(|(fence, delta)| match fence {
+                Some((statement, row)) if changed[*statement][*row] != 1 => Err(StoreError::StaleEpoch(format!(
+                    "chat {} has moved past epoch {}",
+                    delta.chat_id, delta.epoch
+                ))),
+                _ => Ok(()),
             })
             .collect(),
         Err(e) => {
