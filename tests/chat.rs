@@ -1,0 +1,266 @@
+//! A customer and an agent chat through the real server; the server is killed with SIGKILL
+//! and started again on the same data; nothing acknowledged is lost or doubled.
+
+mod common;
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversation_survives_kill_9_and_restart() {
+    let data = Scratch::new("conversation");
+    let server = Server::start(data.path(), None);
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+
+    // 100 messages each way, both sides sending at once.
+    let send_all = |mut p: Participant, who: &'static str| async move {
+        let mut acked = Vec::new();
+        for i in 0..100 {
+            let text = format!("{who} {i} — ünïcødé 你好 🎉");
+            let r = p.send(&text, &format!("{who}-{i}")).await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            acked.push((r.body["seq"].as_u64().unwrap(), text));
+        }
+        (p, acked)
+    };
+    let (c, a) = tokio::join!(send_all(customer, "customer"), send_all(agent, "agent"));
+    (customer, agent) = (c.0, a.0);
+    let mut acked: Vec<(u64, String)> = c.1.into_iter().chain(a.1).collect();
+    acked.sort();
+
+    // Each side sees every acknowledged message exactly once, in seq order, and the same transcript.
+    let seen_by_customer = messages(&customer.transcript().await);
+    let seen_by_agent = messages(&agent.transcript().await);
+    assert_eq!(seen_by_customer, acked);
+    assert_eq!(seen_by_agent, acked);
+    let seqs: HashSet<u64> = acked.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs.len(), 200, "every ack has its own seq");
+
+    // kill -9, then start again on the same data.
+    server.kill9();
+    let server = Server::start(data.path(), None);
+    customer.moved_to(&server);
+    agent.moved_to(&server);
+    let after_restart = customer.transcript().await;
+    assert_eq!(messages(&after_restart), acked, "the transcript is intact after kill -9");
+
+    // The chat continues: numbering goes on, both participants are back.
+    let r = customer.send("still there?", "customer-after").await;
+    assert_eq!(r.status, 200);
+    let seq = r.body["seq"].as_u64().unwrap();
+    assert!(seq > acked.last().unwrap().0);
+    let r = agent.send("yes", "agent-after").await;
+    assert_eq!(r.status, 200);
+    let t = agent.transcript().await;
+    let reconnected: Vec<&Value> = t["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "reconnected").collect();
+    let who: HashSet<&str> = reconnected.iter().map(|e| e["participant_id"].as_str().unwrap()).collect();
+    assert_eq!(who, HashSet::from([customer.id.as_str(), agent.id.as_str()]), "both participants reconnected once each");
+    assert_eq!(reconnected.len(), 2);
+    let all: Vec<u64> = t["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>(), "one dense order");
+    // A resend from before the crash is still recognised.
+    let r = customer.send("customer 7 — ünïcødé 你好 🎉", "customer-7").await;
+    assert_eq!(r.body["seq"].as_u64().unwrap(), acked.iter().find(|(_, t)| t.starts_with("customer 7 ")).unwrap().0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resend_is_idempotent_and_strangers_are_refused() {
+    let data = Scratch::new("idempotent");
+    let server = Server::start(data.path(), None);
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+    let first = customer.send("hello", "m-1").await;
+    let again = customer.send("hello", "m-1").await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.body["seq"], again.body["seq"]);
+    assert_eq!(messages(&agent.transcript().await).len(), 1, "stored once");
+
+    // The same client_msg_id from another participant is another message.
+    let other = agent.send("hello", "m-1").await;
+    assert_ne!(other.body["seq"], first.body["seq"]);
+
+    // A participant of another chat, an agent token and no token at all.
+    let (mut stranger, _) = open_chat(&server, "Eve").await;
+    let mut c = server.client();
+    for token in [Some(stranger.token.as_str()), Some(AGENT), Some("0123456789abcdef0123456789abcdef")] {
+        for (method, path) in [("GET", "transcript"), ("GET", "events"), ("POST", "messages"), ("POST", "typing"), ("POST", "leave"), ("POST", "close")] {
+            let path = format!("/v1/chats/{}/{path}", customer.chat_id);
+            let r = c.call(method.parse().unwrap(), &path, token, Some(json!({"text": "x", "typing": true}))).await.unwrap();
+            assert_eq!(r.status, 403, "{method} {path} with {token:?}: {:?}", r.body);
+            assert_eq!(r.error_code(), Some("forbidden"));
+        }
+    }
+    let r = c.get(&format!("/v1/chats/{}/transcript", customer.chat_id), None).await.unwrap();
+    assert_eq!(r.status, 401);
+    assert_eq!(messages(&stranger.transcript().await).len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_4xx_naming_the_problem() {
+    let data = Scratch::new("badinput");
+    let server = Server::start(data.path(), Some(&data.deployment("[limits]\nmax_message_chars = 100\nmax_body_bytes = 2000\n")));
+    let (mut customer, _agent) = open_chat(&server, "Ann").await;
+    let ok = customer.send("before", "before").await;
+    assert_eq!(ok.status, 200);
+    let path = format!("/v1/chats/{}/messages", customer.chat_id);
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("malformed JSON", b"{\"text\": ".to_vec(), 400, "invalid_json"),
+        ("not JSON at all", b"hello".to_vec(), 400, "invalid_json"),
+        ("invalid UTF-8", b"{\"text\": \"\xff\xfe\"}".to_vec(), 400, "invalid_utf8"),
+        ("wrong type", br#"{"text": 42}"#.to_vec(), 400, "invalid_field"),
+        ("missing text", br#"{"client_msg_id": "x"}"#.to_vec(), 400, "invalid_field"),
+        ("empty text", br#"{"text": "   "}"#.to_vec(), 400, "invalid_field"),
+        ("oversize text", format!(r#"{{"text": "{}"}}"#, "é".repeat(101)).into_bytes(), 413, "message_too_long"),
+        ("oversize body", format!(r#"{{"text": "{}"}}"#, "a".repeat(3000)).into_bytes(), 413, "body_too_large"),
+        ("oversize client_msg_id", format!(r#"{{"text": "a", "client_msg_id": "{}"}}"#, "a".repeat(200)).into_bytes(), 400, "invalid_field"),
+    ];
+    for (what, body, status, code) in cases {
+        let r = customer.client.raw("POST".parse().unwrap(), &path, Some(&customer.token), body.into()).await.unwrap();
+        assert_eq!(r.status, status, "{what}: {:?}", r.body);
+        assert_eq!(r.error_code(), Some(code), "{what}");
+        assert!(!r.body["error"]["message"].as_str().unwrap().is_empty(), "{what}: the message names the problem");
+    }
+    let mut c = server.client();
+    let unknown = c.post("/v1/chats/0000000000000000000000000000dead/messages", Some(&customer.token), json!({"text": "hi"})).await.unwrap();
+    assert_eq!((unknown.status, unknown.error_code()), (404, Some("chat_not_found")));
+    let bad_id = c.get("/v1/chats/..%2F..%2Fetc/transcript", Some(&customer.token)).await.unwrap();
+    assert_eq!(bad_id.status, 404);
+    let bad_query = c.get(&format!("/v1/chats/{}/events?after=minus-one", customer.chat_id), Some(&customer.token)).await.unwrap();
+    assert_eq!((bad_query.status, bad_query.error_code()), (400, Some("invalid_query")));
+    let no_nickname = c.post("/v1/chats", None, json!({"subject": "x"})).await.unwrap();
+    assert_eq!((no_nickname.status, no_nickname.error_code()), (400, Some("invalid_field")));
+    let nowhere = c.get("/v1/nowhere", None).await.unwrap();
+    assert_eq!((nowhere.status, nowhere.error_code()), (404, Some("not_found")));
+
+    // The server is healthy and nothing was lost or added.
+    assert_eq!(c.get("/healthz", None).await.unwrap().status, 200);
+    let after = customer.send("after", "after").await;
+    assert_eq!(after.status, 200);
+    assert_eq!(messages(&customer.transcript().await).iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(), vec!["before", "after"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_by_long_poll_and_websocket_in_order() {
+    let data = Scratch::new("events");
+    let server = Server::start(data.path(), None);
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+
+    // A long poll waiting for the next event is woken by it.
+    let chat_id = customer.chat_id.clone();
+    let token = customer.token.clone();
+    let addr = server.addr.clone();
+    let waiting = tokio::spawn(async move {
+        let mut c = parley::client::Client::new(&addr);
+        c.get(&format!("/v1/chats/{chat_id}/events?after=2&wait_ms=10000"), Some(&token)).await.unwrap().ok().unwrap()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(agent.send("first", "a1").await.status, 200);
+    let woke = waiting.await.unwrap();
+    assert_eq!(messages(&woke), vec![(3, "first".to_string())]);
+    assert_eq!(woke["next"], 3);
+
+    // Typing reaches the other side without entering the transcript.
+    let chat_id = customer.chat_id.clone();
+    let token = customer.token.clone();
+    let addr = server.addr.clone();
+    let typing_seen = tokio::spawn(async move {
+        let mut c = parley::client::Client::new(&addr);
+        c.get(&format!("/v1/chats/{chat_id}/events?after=3&wait_ms=10000"), Some(&token)).await.unwrap().ok().unwrap()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let r = agent.client.post(&format!("/v1/chats/{}/typing", agent.chat_id), Some(&agent.token), json!({"typing": true})).await.unwrap();
+    assert_eq!(r.status, 200);
+    let t = typing_seen.await.unwrap();
+    assert_eq!(kinds(&t), vec!["typing"]);
+    assert!(t["events"][0].get("seq").is_none());
+    assert_eq!(t["next"], 3, "typing does not move the cursor");
+
+    // A WebSocket from the start replays the transcript, then follows it live.
+    let url = format!("ws://{}/v1/chats/{}/ws?after=0&token={}", server.addr, customer.chat_id, customer.token);
+    let stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    for i in 0..20 {
+        assert_eq!(customer.send(&format!("live {i}"), &format!("c{i}")).await.status, 200);
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 23 {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+        let e: Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+        if let Some(seq) = e["seq"].as_u64() {
+            seqs.push(seq);
+        }
+    }
+    assert_eq!(seqs, (1..=23).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_stores_the_final_transcript() {
+    let data = Scratch::new("close");
+    let server = Server::start(data.path(), None);
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+    let mut queue_client = server.client();
+    let (waiting, _) = open_chat_without_agent(&server).await;
+    let queue = queue_client.get("/v1/queue", Some(AGENT)).await.unwrap().ok().unwrap();
+    let queued: Vec<&str> = queue["chats"].as_array().unwrap().iter().map(|c| c["chat_id"].as_str().unwrap()).collect();
+    assert_eq!(queued, vec![waiting.as_str()], "only the chat without an agent waits");
+    assert_eq!(queue_client.get("/v1/queue", Some(&customer.token)).await.unwrap().status, 403);
+
+    customer.send("thanks, bye", "c1").await;
+    let r = customer.client.post(&format!("/v1/chats/{}/close", customer.chat_id), Some(&customer.token), json!({})).await.unwrap();
+    assert_eq!(r.status, 403, "customers leave; agents close");
+    let r = agent.client.post(&format!("/v1/chats/{}/close", agent.chat_id), Some(&agent.token), json!({"reason": "resolved"})).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let seen = customer.events(3, 1000).await;
+    assert_eq!(kinds(&seen), vec!["closed"]);
+    assert_eq!(customer.send("too late", "c2").await.status, 409);
+
+    // After a restart the closed chat is read from the final store.
+    server.kill9();
+    let server = Server::start(data.path(), None);
+    customer.moved_to(&server);
+    let t = customer.transcript().await;
+    assert_eq!(t["state"], "closed");
+    assert_eq!(kinds(&t), vec!["joined", "joined", "message", "closed"]);
+    assert_eq!(t["events"][3]["text"], "resolved");
+}
+
+async fn open_chat_without_agent(server: &Server) -> (String, String) {
+    let mut c = server.client();
+    let created = c.post("/v1/chats", None, json!({"nickname": "Bo", "subject": "waiting"})).await.unwrap().ok().unwrap();
+    (created["chat_id"].as_str().unwrap().into(), created["token"].as_str().unwrap().into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_save_2_notifies_and_0_skips_intermediate_saves() {
+    let data = Scratch::new("autosave2");
+    let server = Server::start(data.path(), Some(&data.deployment("[transcript]\nauto_save = 2\n")));
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+    let chat_id = customer.chat_id.clone();
+    let token = customer.token.clone();
+    let addr = server.addr.clone();
+    let watcher = tokio::spawn(async move {
+        let mut c = parley::client::Client::new(&addr);
+        c.get(&format!("/v1/chats/{chat_id}/events?after=3&wait_ms=10000"), Some(&token)).await.unwrap().ok().unwrap()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(agent.send("hello", "a1").await.status, 200);
+    let mut seen = watcher.await.unwrap();
+    if kinds(&seen) == vec!["message"] {
+        seen = customer.events(3, 5000).await;
+    }
+    assert!(seen["events"].as_array().unwrap().iter().any(|e| e["kind"] == "notice" && e["text"] == "Transcript saved."), "{seen}");
+
+    let data = Scratch::new("autosave0");
+    let server = Server::start(data.path(), Some(&data.deployment("[transcript]\nauto_save = 0\n")));
+    let (mut customer, _agent) = open_chat(&server, "Ann").await;
+    assert_eq!(customer.send("not saved until close", "c1").await.status, 200);
+    assert_eq!(messages(&customer.transcript().await).len(), 1);
+    let db = rusqlite_count(&data.path().join("parley.db"));
+    assert_eq!(db, 0, "no intermediate rows with auto_save = 0");
+}
+
+fn rusqlite_count(db: &std::path::Path) -> i64 {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0)).unwrap()
+}

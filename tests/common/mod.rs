@@ -1,0 +1,152 @@
+//! Test harness: starts the real `parley` binary on a free port with its own data directory,
+//! and kills it with SIGKILL when asked (or when dropped).
+
+#![allow(dead_code)]
+
+use parley::client::Client;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub const AGENT: &str = "test-agent-token";
+pub const ADMIN: &str = "test-admin-token";
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!("parley-test-{name}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// Writes a deployment file and returns its path.
+    pub fn deployment(&self, toml: &str) -> PathBuf {
+        let p = self.0.join("deployment.toml");
+        std::fs::write(&p, toml).unwrap();
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct Server {
+    child: Child,
+    pub addr: String,
+}
+
+fn command(data: &Path, config: Option<&Path>) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_parley"));
+    c.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data);
+    if let Some(cfg) = config {
+        c.arg("--config").arg(cfg);
+    }
+    c.env("PARLEY_AGENT_TOKEN", AGENT).env("PARLEY_ADMIN_TOKEN", ADMIN).env("PARLEY_LOG", "warn");
+    c
+}
+
+impl Server {
+    pub fn start(data: &Path, config: Option<&Path>) -> Server {
+        let mut child = command(data, config).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn parley");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.next().expect("parley printed nothing").unwrap();
+        let addr = line.split("listening on http://").nth(1).unwrap_or_else(|| panic!("unexpected first line: {line}")).trim().to_string();
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, addr }
+    }
+
+    /// Runs `parley serve` expecting it to refuse to start; returns (exit code, stderr).
+    pub fn refuse(data: &Path, config: &Path) -> (i32, String) {
+        let out = command(data, Some(config)).stdout(Stdio::null()).output().expect("spawn parley");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.addr)
+    }
+
+    /// SIGKILL, as `kill -9` would.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A participant of one chat, with its own connection.
+pub struct Participant {
+    pub client: Client,
+    pub chat_id: String,
+    pub id: String,
+    pub token: String,
+}
+
+impl Participant {
+    pub async fn send(&mut self, text: &str, client_msg_id: &str) -> parley::client::Reply {
+        let path = format!("/v1/chats/{}/messages", self.chat_id);
+        self.client.post(&path, Some(&self.token), json!({"text": text, "client_msg_id": client_msg_id})).await.unwrap()
+    }
+
+    pub async fn transcript(&mut self) -> Value {
+        let path = format!("/v1/chats/{}/transcript", self.chat_id);
+        self.client.get(&path, Some(&self.token)).await.unwrap().ok().unwrap()
+    }
+
+    pub async fn events(&mut self, after: u64, wait_ms: u64) -> Value {
+        let path = format!("/v1/chats/{}/events?after={after}&wait_ms={wait_ms}", self.chat_id);
+        self.client.get(&path, Some(&self.token)).await.unwrap().ok().unwrap()
+    }
+
+    pub fn moved_to(&mut self, server: &Server) {
+        self.client = server.client();
+    }
+}
+
+/// Opens a chat as a customer and has an agent join it.
+pub async fn open_chat(server: &Server, nickname: &str) -> (Participant, Participant) {
+    let mut c = server.client();
+    let created = c.post("/v1/chats", None, json!({"nickname": nickname, "subject": "test"})).await.unwrap().ok().unwrap();
+    let chat_id = created["chat_id"].as_str().unwrap().to_string();
+    let mut a = server.client();
+    let joined = a.post(&format!("/v1/chats/{chat_id}/join"), Some(AGENT), json!({"nickname": "Agent Smith"})).await.unwrap().ok().unwrap();
+    let customer = Participant { client: c, chat_id: chat_id.clone(), id: created["participant_id"].as_str().unwrap().into(), token: created["token"].as_str().unwrap().into() };
+    let agent = Participant { client: a, chat_id, id: joined["participant_id"].as_str().unwrap().into(), token: joined["token"].as_str().unwrap().into() };
+    (customer, agent)
+}
+
+/// The (seq, text) of every message event in a transcript or events answer.
+pub fn messages(events: &Value) -> Vec<(u64, String)> {
+    events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "message")
+        .map(|e| (e["seq"].as_u64().unwrap(), e["text"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+pub fn kinds(events: &Value) -> Vec<String> {
+    events["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap().to_string()).collect()
+}
