@@ -375,10 +375,12 @@ impl Session {
                 self.raise(NoticeKind::ChatClosed, None, reason.clone());
                 self.fail_unsaved(ChatError::NotSaved(reason.clone()));
                 // As in the reference: closed without a final save. The `closed` event cannot
-                // be stored, so participants get it live.
+                // be stored; it is published here so every reader on this instance learns it.
                 self.state = ChatState::Closed;
                 self.shared.set_roster(self.roster());
-                let _ = self.shared.live.send(Event::new(0, Kind::Closed, "".into(), "".into(), reason, None, now_ms()));
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.shared.publish([Event::new(seq, Kind::Closed, "".into(), "".into(), reason, None, now_ms())]);
                 for closer in self.closing.drain(..) {
                     let _ = closer.send(Err(ChatError::Closed));
                 }

@@ -301,7 +301,7 @@ async fn events(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
     let events: Vec<Arc<Event>> = loop {
         committed.borrow_and_update();
         let found = shared.events_after(after, MAX_EVENTS_PER_POLL, member.role);
-        if !found.is_empty() {
+        if !found.is_empty() || shared.state() == crate::plugins::bindings::types::ChatState::Closed {
             break found;
         }
         tokio::select! {

@@ -1,0 +1,97 @@
+//! A store plugin that traps, loops forever or allocates past its memory limit does not take
+//! the host down: that chat's save fails, the save-error policy applies, other chats go on.
+//! The faulty store is the real SQLite store code plus faults triggered by marker texts.
+
+mod common;
+
+use common::*;
+use parley::plugins::builtin::PLUGIN_DIR;
+use serde_json::json;
+
+fn deployment(on_error: &str) -> String {
+    format!(
+        r#"
+[plugins.intermediate]
+file = "{PLUGIN_DIR}/faulty_store.wasm"
+deadline_ms = 300
+memory_mb = 32
+
+[plugins.save-error-policy]
+file = "builtin:default-policy"
+settings = {{ resend_attempts = 1, resend_delay_ms = 50, on_error = "{on_error}" }}
+"#
+    )
+}
+
+async fn fault_is_contained(marker: &str) {
+    let data = Scratch::new("sandbox");
+    let server = Server::start(data.path(), Some(&data.deployment(&deployment("close"))));
+    let (mut victim, mut victim_agent) = open_chat(&server, "Vic").await;
+    let (mut bystander, _) = open_chat(&server, "Bea").await;
+    assert_eq!(victim.send("before", "v0").await.status, 200);
+
+    // The bystander keeps talking while the victim's save misbehaves.
+    let chatter = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        for i in 0..30 {
+            statuses.push(bystander.send(&format!("b{i}"), &format!("b{i}")).await.status);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        (bystander, statuses)
+    });
+    let r = victim.send(marker, "v1").await;
+    assert_eq!(r.status, 503, "{marker}: {:?}", r.body);
+    assert_eq!(r.error_code(), Some("not_saved"));
+
+    // The default policy closed the victim's chat after its resend; participants were told.
+    let seen = victim_agent.events(3, 5000).await;
+    assert_eq!(kinds(&seen), vec!["closed"], "{marker}: {seen}");
+    assert!(seen["events"][0]["text"].as_str().unwrap().contains("could not be saved"), "{marker}: {seen}");
+    assert_eq!(victim_agent.transcript().await["state"], "closed");
+    assert_eq!(victim.send("after", "v2").await.status, 409, "{marker}: the chat is closed");
+
+    let (mut bystander, statuses) = chatter.await.unwrap();
+    assert!(statuses.iter().all(|&s| s == 200), "{marker}: bystander statuses {statuses:?}");
+    let texts: Vec<String> = messages(&bystander.transcript().await).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, (0..30).map(|i| format!("b{i}")).collect::<Vec<_>>());
+
+    // The host is fine and new chats work with a fresh plugin instance.
+    let mut c = server.client();
+    assert_eq!(c.get("/healthz", None).await.unwrap().status, 200);
+    let (mut next, _) = open_chat(&server, "Ned").await;
+    assert_eq!(next.send("works", "n1").await.status, 200);
+    let kpi = c.get("/v1/kpi", None).await.unwrap().ok().unwrap();
+    assert!(kpi["save_failures"].as_u64().unwrap() >= 2, "{kpi}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_plugin_is_contained() {
+    fault_is_contained("!trap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_loop_is_cut_off_at_the_deadline() {
+    fault_is_contained("!loop").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_bomb_hits_the_limit() {
+    fault_is_contained("!oom").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continue_policy_refuses_the_message_and_keeps_the_chat() {
+    let data = Scratch::new("continue");
+    let server = Server::start(data.path(), Some(&data.deployment(&deployment("continue"))));
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+    assert_eq!(customer.send("one", "c1").await.body["seq"], 3);
+    let r = customer.send("!fail", "c2").await;
+    assert_eq!((r.status, r.error_code()), (503, Some("not_saved")));
+    // The chat goes on; the refused message never took a seq, and resending works.
+    let r = customer.send("two", "c3").await;
+    assert_eq!((r.status, r.body["seq"].as_u64()), (200, Some(4)));
+    let texts: Vec<String> = messages(&agent.transcript().await).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, vec!["one", "two"]);
+    let r = agent.client.post(&format!("/v1/chats/{}/typing", agent.chat_id), Some(&agent.token), json!({"typing": false})).await.unwrap();
+    assert_eq!(r.status, 200);
+}

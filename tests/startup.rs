@@ -1,0 +1,84 @@
+//! `parley serve` refuses a broken deployment before it serves anything, with one line that
+//! names the slot, the file and the problem.
+
+mod common;
+
+use common::*;
+use parley::plugins::builtin::PLUGIN_DIR;
+
+fn refusal(name: &str, toml: &str, files: &[(&str, &[u8])]) -> String {
+    let data = Scratch::new(name);
+    for (file, bytes) in files {
+        std::fs::write(data.path().join(file), bytes).unwrap();
+    }
+    let (code, stderr) = Server::refuse(&data.path().join("data"), &data.deployment(toml));
+    assert_eq!(code, 2, "{name}: exit code; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{name}: one line, got {lines:?}");
+    lines[0].to_string()
+}
+
+fn assert_names(line: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(line.contains(p), "{line:?} should mention {p:?}");
+    }
+}
+
+#[test]
+fn missing_file() {
+    let line = refusal("missing", "[plugins.intermediate]\nfile = \"nowhere.wasm\"\n", &[]);
+    assert_names(&line, &["slot intermediate", "nowhere.wasm", "cannot read the component"]);
+}
+
+#[test]
+fn not_a_component() {
+    let line = refusal("garbage", "[plugins.final]\nfile = \"notes.wasm\"\n", &[("notes.wasm", b"hello, not wasm")]);
+    assert_names(&line, &["slot final", "notes.wasm", "not a WebAssembly component"]);
+    let module = wat::parse_str("(module)").unwrap();
+    let line = refusal("module", "[plugins.final]\nfile = \"core.wasm\"\n", &[("core.wasm", &module)]);
+    assert_names(&line, &["slot final", "core.wasm", "core WebAssembly module, not a component"]);
+}
+
+#[test]
+fn wrong_world() {
+    let toml = format!("[plugins.intermediate]\nfile = \"{PLUGIN_DIR}/default_policy.wasm\"\n");
+    let line = refusal("world", &toml, &[]);
+    assert_names(&line, &["slot intermediate", "default_policy.wasm", "is a save-error-policy plugin", "needs a transcript-store plugin"]);
+}
+
+#[test]
+fn wrong_version() {
+    let component = wat::parse_str(
+        r#"(component
+            (core module $m (func (export "f")))
+            (core instance $i (instantiate $m))
+            (func $f (canon lift (core func $i "f")))
+            (instance $store (export "purge" (func $f)))
+            (export "parley:plugin/store@0.2.0" (instance $store)))"#,
+    )
+    .unwrap();
+    let line = refusal("version", "[plugins.intermediate]\nfile = \"future.wasm\"\n", &[("future.wasm", &component)]);
+    assert_names(&line, &["slot intermediate", "future.wasm", "speaks parley:plugin@0.2.0", "supports parley:plugin@0.1.0"]);
+}
+
+#[test]
+fn import_not_granted() {
+    let toml = format!("[plugins.intermediate]\nfile = \"{PLUGIN_DIR}/sqlite_store.wasm\"\ngrants = [\"log\"]\n");
+    let line = refusal("grant", &toml, &[]);
+    assert_names(&line, &["slot intermediate", "sqlite_store.wasm", "imports parley:plugin/sql@0.1.0", "does not grant it", "\"sql\""]);
+}
+
+#[test]
+fn settings_refused_by_the_plugin() {
+    let toml = "[plugins.save-error-policy]\nfile = \"builtin:default-policy\"\nsettings = { on_error = \"explode\" }\n";
+    let line = refusal("settings", toml, &[]);
+    assert_names(&line, &["slot save-error-policy", "builtin:default-policy", "refused its settings", "on_error"]);
+}
+
+#[test]
+fn unknown_builtin_and_unknown_setting() {
+    let line = refusal("builtin", "[plugins.notice-handler]\nfile = \"builtin:nope\"\n", &[]);
+    assert_names(&line, &["slot notice-handler", "builtin:nope", "no built-in plugin"]);
+    let line = refusal("config", "[transcript]\nauto_save = 7\n", &[]);
+    assert_names(&line, &["auto_save"]);
+}
