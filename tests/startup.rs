@@ -82,3 +82,13 @@ fn unknown_builtin_and_unknown_setting() {
     let line = refusal("config", "[transcript]\nauto_save = 7\n", &[]);
     assert_names(&line, &["auto_save"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_deployment_starts_and_serves() {
+    let data = Scratch::new("example");
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/single-instance.toml")).unwrap();
+    let example = example.replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\"");
+    let server = Server::start(&data.path().join("data"), Some(&data.deployment(&example)));
+    let (mut customer, _agent) = open_chat(&server, "Ann").await;
+    assert_eq!(customer.send("hello", "c1").await.status, 200);
+}
