@@ -279,7 +279,7 @@ type ChatMap = Arc<RwLock<HashMap<Arc<str>, ChatHandle>>>;
 pub struct Chats {
     deps: Arc<Deps>,
     map: ChatMap,
-    restoring: tokio::sync::Mutex<()>,
+    restoring: std::sync::Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -317,7 +317,15 @@ impl Chats {
         if let Some(h) = self.map.read().unwrap().get(chat_id) {
             return Ok(h.clone());
         }
-        let _one_restore_at_a_time = self.restoring.lock().await;
+        // Requests racing for the same stored chat restore it once; other chats restore in parallel.
+        let gate = self.restoring.lock().unwrap().entry(chat_id.into()).or_default().clone();
+        let _restoring_this_chat = gate.lock().await;
+        let result = self.restore(chat_id).await;
+        self.restoring.lock().unwrap().remove(chat_id);
+        result
+    }
+
+    async fn restore(&self, chat_id: &str) -> Result<ChatHandle, ChatError> {
         if let Some(h) = self.map.read().unwrap().get(chat_id) {
             return Ok(h.clone());
         }
