@@ -38,7 +38,7 @@ impl Database {
         conn.pragma_update(None, "synchronous", sync)?;
         // A group commit touches one leaf page per chat: keep the working set in memory, and
         // checkpoint the WAL less often than every 4 MB so checkpoints do not stall commits.
-        conn.pragma_update(None, "cache_size", -65536)?;
+        conn.pragma_update(None, "cache_size", -16384)?;
         conn.pragma_update(None, "wal_autocheckpoint", 16384)?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.set_prepared_statement_cache_capacity(64);
