@@ -147,13 +147,7 @@ async fn events_by_long_poll_and_websocket_in_order() {
     let (mut customer, mut agent) = open_chat(&server, "Ann").await;
 
     // A long poll waiting for the next event is woken by it.
-    let chat_id = customer.chat_id.clone();
-    let token = customer.token.clone();
-    let addr = server.addr.clone();
-    let waiting = tokio::spawn(async move {
-        let mut c = parley::client::Client::new(&addr);
-        c.get(&format!("/v1/chats/{chat_id}/events?after=2&wait_ms=10000"), Some(&token)).await.unwrap().ok().unwrap()
-    });
+    let waiting = poll_in_background(&server, &customer, 2);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(agent.send("first", "a1").await.status, 200);
     let woke = waiting.await.unwrap();
@@ -161,13 +155,7 @@ async fn events_by_long_poll_and_websocket_in_order() {
     assert_eq!(woke["next"], 3);
 
     // Typing reaches the other side without entering the transcript.
-    let chat_id = customer.chat_id.clone();
-    let token = customer.token.clone();
-    let addr = server.addr.clone();
-    let typing_seen = tokio::spawn(async move {
-        let mut c = parley::client::Client::new(&addr);
-        c.get(&format!("/v1/chats/{chat_id}/events?after=3&wait_ms=10000"), Some(&token)).await.unwrap().ok().unwrap()
-    });
+    let typing_seen = poll_in_background(&server, &customer, 3);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let r = agent.client.post(&format!("/v1/chats/{}/typing", agent.chat_id), Some(&agent.token), json!({"typing": true})).await.unwrap();
     assert_eq!(r.status, 200);
@@ -236,13 +224,7 @@ async fn auto_save_2_notifies_and_0_skips_intermediate_saves() {
     let data = Scratch::new("autosave2");
     let server = Server::start(data.path(), Some(&data.deployment("[transcript]\nauto_save = 2\n")));
     let (mut customer, mut agent) = open_chat(&server, "Ann").await;
-    let chat_id = customer.chat_id.clone();
-    let token = customer.token.clone();
-    let addr = server.addr.clone();
-    let watcher = tokio::spawn(async move {
-        let mut c = parley::client::Client::new(&addr);
-        c.get(&format!("/v1/chats/{chat_id}/events?after=3&wait_ms=10000"), Some(&token)).await.unwrap().ok().unwrap()
-    });
+    let watcher = poll_in_background(&server, &customer, 3);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(agent.send("hello", "a1").await.status, 200);
     let mut seen = watcher.await.unwrap();

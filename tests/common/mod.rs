@@ -150,3 +150,11 @@ pub fn messages(events: &Value) -> Vec<(u64, String)> {
 pub fn kinds(events: &Value) -> Vec<String> {
     events["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap().to_string()).collect()
 }
+
+/// Starts a long poll for `p`'s events after `after` on its own connection; resolves with its answer.
+pub fn poll_in_background(server: &Server, p: &Participant, after: u64) -> tokio::task::JoinHandle<Value> {
+    let path = format!("/v1/chats/{}/events?after={after}&wait_ms=10000", p.chat_id);
+    let token = p.token.clone();
+    let mut c = server.client();
+    tokio::spawn(async move { c.get(&path, Some(&token)).await.unwrap().ok().unwrap() })
+}
