@@ -68,7 +68,9 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             let created = c.post("/v1/chats", None, json!({"nickname": format!("customer{i}"), "subject": "bench"})).await?.ok()?;
             let chat_id = created["chat_id"].as_str().unwrap_or_default().to_string();
             let joined = c.post(&format!("/v1/chats/{chat_id}/join"), Some(&agent_token), json!({"nickname": format!("agent{i}")})).await?.ok()?;
-            Ok::<_, anyhow::Error>((c, chat_id, created["token"].as_str().unwrap_or_default().to_string(), joined["token"].as_str().unwrap_or_default().to_string()))
+            // Connected now, so the measured window does not include 1,000 simultaneous connects.
+            let sender = Sender::connect(c.authority()).await?;
+            Ok::<_, anyhow::Error>((c, sender, chat_id, created["token"].as_str().unwrap_or_default().to_string(), joined["token"].as_str().unwrap_or_default().to_string()))
         });
     }
     let mut chats = Vec::with_capacity(o.chats);
@@ -81,15 +83,16 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut load = tokio::task::JoinSet::new();
     let interval = (o.rate > 0).then(|| Duration::from_secs_f64(o.chats as f64 / o.rate as f64));
-    for (i, (mut client, chat_id, customer, agent)) in chats.into_iter().enumerate() {
+    for (i, (client, mut conn, chat_id, customer, agent)) in chats.into_iter().enumerate() {
         let text = text.clone();
         // Spread the chats' schedules evenly over one interval.
         let mut next = tokio::time::Instant::now() + interval.map_or(Duration::ZERO, |iv| iv.mul_f64(i as f64 / o.chats as f64));
+        let authority = client.authority().to_string();
         load.spawn(async move {
-            let path = format!("/v1/chats/{chat_id}/messages");
             let mut latencies_us: Vec<u32> = Vec::with_capacity(4096);
             let mut errors = 0u64;
             let mut n = 0u64;
+            let mut request = String::with_capacity(512);
             while Instant::now() < deadline {
                 let token = if n % 2 == 0 { &customer } else { &agent };
                 let sent = match interval {
@@ -101,10 +104,17 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                     }
                     None => Instant::now(),
                 };
-                let reply = client.post(&path, Some(token), json!({"text": text, "client_msg_id": format!("m{n}")})).await;
-                match reply {
-                    Ok(r) if r.status == 200 => latencies_us.push(sent.elapsed().as_micros() as u32),
-                    _ => errors += 1,
+                message_request(&mut request, &authority, &chat_id, token, &text, n);
+                match conn.exchange(request.as_bytes()).await {
+                    Ok(200) => latencies_us.push(sent.elapsed().as_micros() as u32),
+                    Ok(_) => errors += 1,
+                    Err(_) => {
+                        errors += 1;
+                        match Sender::connect(&authority).await {
+                            Ok(c) => conn = c,
+                            Err(_) => break,
+                        }
+                    }
                 }
                 n += 1;
             }
@@ -167,4 +177,58 @@ async fn start_instance(synchronous: &str) -> anyhow::Result<(tokio::process::Ch
         }
     }
     bail!("the bench instance exited before listening")
+}
+
+/// Formats one message request; the same buffer is reused for every message of a chat.
+fn message_request(out: &mut String, authority: &str, chat_id: &str, token: &str, text: &str, n: u64) {
+    use std::fmt::Write;
+    out.clear();
+    let body_len = r#"{"text":"","client_msg_id":"m"}"#.len() + text.len() + n.to_string().len();
+    let _ = write!(
+        out,
+        "POST /v1/chats/{chat_id}/messages HTTP/1.1\r\nhost: {authority}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {body_len}\r\n\r\n{{\"text\":\"{text}\",\"client_msg_id\":\"m{n}\"}}"
+    );
+}
+
+/// The load generator's sending side: one keep-alive HTTP/1.1 connection that writes a
+/// prepared request and reads just the status and the body length of the answer. A full
+/// client (`crate::client`) costs the generator about as much CPU as the server spends, on
+/// the same two cores; like wrk, the generator should measure the server, not itself.
+struct Sender {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Sender {
+    async fn connect(authority: &str) -> std::io::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(authority).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self { stream, buf: Vec::with_capacity(1024) })
+    }
+
+    async fn exchange(&mut self, request: &[u8]) -> std::io::Result<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+        self.stream.write_all(request).await?;
+        self.buf.clear();
+        loop {
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+            let head = std::str::from_utf8(&self.buf[..end]).map_err(|_| bad("response head is not UTF-8"))?;
+            let status = head.get(9..12).and_then(|s| s.parse().ok()).ok_or_else(|| bad("no status"))?;
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")).map(|(_, v)| v.trim()))
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad("no content-length"))?;
+            while self.buf.len() < end + 4 + length {
+                if self.stream.read_buf(&mut self.buf).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            return Ok(status);
+        }
+    }
 }

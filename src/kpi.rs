@@ -22,7 +22,7 @@ pub struct Kpi {
 }
 
 impl Kpi {
-    pub fn record_save_batch(&self, _chats: usize, events: usize, took: Duration) {
+    pub fn record_save_batch(&self, events: usize, took: Duration) {
         self.save_batches.fetch_add(1, Relaxed);
         self.events_saved.fetch_add(events as u64, Relaxed);
         let us = took.as_micros() as u64;

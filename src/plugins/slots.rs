@@ -127,7 +127,7 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
         if !deltas.is_empty() {
             let started = Instant::now();
             let result = instance.call(async |b, s| b.parley_plugin_store().call_save(s, &deltas).await).await;
-            kpi.record_save_batch(deltas.len(), deltas.iter().map(|d| d.events.len()).sum(), started.elapsed());
+            kpi.record_save_batch(deltas.iter().map(|d| d.events.len()).sum(), started.elapsed());
             match result {
                 Ok(results) if results.len() == deltas.len() => {
                     for (r, reply) in results.into_iter().zip(replies.drain(..)) {
