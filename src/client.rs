@@ -1,5 +1,6 @@
-//! A small HTTP client for Parley's API over one keep-alive connection: used by `parley bench`
-//! and the integration tests.
+//! Clients of Parley's API: `Client` talks to one instance over one keep-alive connection;
+//! `FailoverClient` moves between instances when one fails. Used by `parley bench` and the
+//! integration tests.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -97,6 +98,76 @@ impl Client {
     pub async fn call(&mut self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Result<Reply, ClientError> {
         let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         self.raw(method, path, token, bytes).await
+    }
+
+    pub async fn get(&mut self, path: &str, token: Option<&str>) -> Result<Reply, ClientError> {
+        self.call(Method::GET, path, token, None).await
+    }
+
+    pub async fn post(&mut self, path: &str, token: Option<&str>, body: Value) -> Result<Reply, ClientError> {
+        self.call(Method::POST, path, token, Some(body)).await
+    }
+}
+
+/// A client for a cluster: a list of instance addresses (or one load-balancer address). A
+/// request that fails in transport or with a 5xx is sent again, unchanged, to the next
+/// instance — a message keeps its `client_msg_id`, so a resend after a lost ack returns the
+/// original seq — after an exponential backoff with full jitter, until `give_up_after`.
+pub struct FailoverClient {
+    instances: Vec<String>,
+    current: usize,
+    client: Client,
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+    pub give_up_after: Duration,
+    /// How many times a request moved to another instance (for tests and benches).
+    pub failovers: u64,
+}
+
+impl FailoverClient {
+    pub fn new(instances: &[String]) -> Self {
+        assert!(!instances.is_empty(), "a cluster client needs at least one instance address");
+        let mut client = Client::new(&instances[0]);
+        client.timeout = Duration::from_secs(10);
+        Self {
+            instances: instances.to_vec(),
+            current: 0,
+            client,
+            first_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            give_up_after: Duration::from_secs(30),
+            failovers: 0,
+        }
+    }
+
+    /// The instance requests currently go to.
+    pub fn instance(&self) -> &str {
+        &self.instances[self.current]
+    }
+
+    pub async fn call(&mut self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Result<Reply, ClientError> {
+        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let started = std::time::Instant::now();
+        let mut backoff = self.first_backoff;
+        loop {
+            let outcome = self.client.raw(method.clone(), path, token, bytes.clone()).await;
+            let retry = match &outcome {
+                Ok(reply) => reply.status >= 500,
+                Err(ClientError::Status { .. }) => false,
+                Err(_) => true,
+            };
+            if !retry || started.elapsed() >= self.give_up_after {
+                return outcome;
+            }
+            self.current = (self.current + 1) % self.instances.len();
+            self.client = Client::new(&self.instances[self.current]);
+            self.client.timeout = Duration::from_secs(10);
+            self.failovers += 1;
+            // Full jitter: many clients failing over at once do not arrive in lockstep.
+            let pause = backoff.mul_f64(rand::random::<f64>());
+            tokio::time::sleep(pause).await;
+            backoff = (backoff * 2).min(self.max_backoff);
+        }
     }
 
     pub async fn get(&mut self, path: &str, token: Option<&str>) -> Result<Reply, ClientError> {

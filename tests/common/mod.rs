@@ -46,9 +46,9 @@ pub struct Server {
     pub addr: String,
 }
 
-fn command(data: &Path, config: Option<&Path>) -> Command {
+fn command(data: &Path, config: Option<&Path>, listen: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_parley"));
-    c.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data);
+    c.args(["serve", "--listen", listen, "--data"]).arg(data);
     if let Some(cfg) = config {
         c.arg("--config").arg(cfg);
     }
@@ -58,7 +58,11 @@ fn command(data: &Path, config: Option<&Path>) -> Command {
 
 impl Server {
     pub fn start(data: &Path, config: Option<&Path>) -> Server {
-        let mut child = command(data, config).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn parley");
+        Self::start_at(data, config, "127.0.0.1:0")
+    }
+
+    pub fn start_at(data: &Path, config: Option<&Path>, listen: &str) -> Server {
+        let mut child = command(data, config, listen).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn parley");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let line = lines.next().expect("parley printed nothing").unwrap();
         let addr = line.split("listening on http://").nth(1).unwrap_or_else(|| panic!("unexpected first line: {line}")).trim().to_string();
@@ -69,7 +73,7 @@ impl Server {
 
     /// Runs `parley serve` expecting it to refuse to start; returns (exit code, stderr).
     pub fn refuse(data: &Path, config: &Path) -> (i32, String) {
-        let out = command(data, Some(config)).stdout(Stdio::null()).output().expect("spawn parley");
+        let out = command(data, Some(config), "127.0.0.1:0").stdout(Stdio::null()).output().expect("spawn parley");
         (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
@@ -93,6 +97,12 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A loopback address nothing listens on yet, for an instance started later.
+pub fn spare_address() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
 }
 
 /// A participant of one chat, with its own connection.
