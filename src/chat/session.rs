@@ -54,8 +54,8 @@ struct Session {
     meta_dirty: bool,
     /// Whether the save in flight carries the metadata (to resend it if that save fails).
     meta_in_flight: bool,
-    /// (participant, client_msg_id) -> seq, saved or pending: resends get the original seq.
-    sent: HashMap<(Arc<str>, String), u64>,
+    /// participant -> client_msg_id -> seq, saved or pending: resends get the original seq.
+    sent: HashMap<Arc<str>, HashMap<String, u64>>,
     must_reconnect: Vec<Arc<str>>,
     attempt: u32,
     last_good_save: Instant,
@@ -102,10 +102,12 @@ impl Session {
     #[allow(clippy::too_many_arguments)]
     fn new(deps: Arc<Deps>, map: ChatMap, id: Arc<str>, epoch: u64, state: ChatState, meta: Meta, events: Vec<Arc<Event>>, must_reconnect: Vec<Arc<str>>) -> Self {
         let next_seq = events.last().map_or(1, |e| e.seq + 1);
-        let sent = events
-            .iter()
-            .filter_map(|e| e.client_msg_id.as_ref().map(|m| ((e.participant_id.clone(), m.clone()), e.seq)))
-            .collect();
+        let mut sent: HashMap<Arc<str>, HashMap<String, u64>> = HashMap::new();
+        for e in &events {
+            if let Some(id) = &e.client_msg_id {
+                sent.entry(e.participant_id.clone()).or_default().insert(id.clone(), e.seq);
+            }
+        }
         let placeholder = Roster { state, subject: String::new(), customer_nickname: "".into(), created_ms: 0, members: Vec::new() };
         let shared = ChatShared::new(id, placeholder, events);
         let mut s = Session {
@@ -165,12 +167,13 @@ impl Session {
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        let mut linger = None;
         loop {
             let retry_at = self.retry_at;
+            // A closed chat with nothing left to save stays a while for late readers, then ends.
+            let lingering = self.state == ChatState::Closed && self.unsaved.is_empty() && self.closing.is_empty();
             tokio::select! {
                 command = commands.recv() => match command {
-                    Some(c) => self.handle(c).await,
+                    Some(c) => self.handle(c),
                     None => break,
                 },
                 saved = async { self.saving.as_mut().expect("guarded").await }, if self.saving.is_some() => {
@@ -182,24 +185,21 @@ impl Session {
                     self.retry_at = None;
                     self.start_save();
                 }
-                _ = async { tokio::time::sleep(self.deps.linger).await }, if linger.is_some() => break,
+                _ = tokio::time::sleep(self.deps.linger), if lingering => break,
             }
             if self.ended {
                 break;
-            }
-            if self.state == ChatState::Closed && self.unsaved.is_empty() && self.closing.is_empty() && linger.is_none() {
-                linger = Some(());
             }
         }
         self.map.write().unwrap().remove(&self.shared.id);
     }
 
-    async fn handle(&mut self, command: Command) {
+    fn handle(&mut self, command: Command) {
         let open = self.state != ChatState::Closed;
         match command {
             Command::Post { member, text, client_msg_id, reply } => {
                 if let Some(id) = &client_msg_id
-                    && let Some(&seq) = self.sent.get(&(member.clone(), id.clone()))
+                    && let Some(&seq) = self.sent.get(&member).and_then(|ids| ids.get(id))
                 {
                     return self.ack_duplicate(seq, reply);
                 }
@@ -209,7 +209,7 @@ impl Session {
                 let nickname = self.nickname(&member);
                 let seq = self.append(Kind::Message, &member, &nickname, text, client_msg_id.clone(), Some(Ack::Seq(reply)));
                 if let Some(id) = client_msg_id {
-                    self.sent.insert((member, id), seq);
+                    self.sent.entry(member).or_default().insert(id, seq);
                 }
             }
             Command::Join { nickname, reply } => {
@@ -396,8 +396,10 @@ impl Session {
             self.next_seq = first.event.seq;
         }
         for p in self.unsaved.drain(..) {
-            if let Some(id) = &p.event.client_msg_id {
-                self.sent.remove(&(p.event.participant_id.clone(), id.clone()));
+            if let Some(id) = &p.event.client_msg_id
+                && let Some(ids) = self.sent.get_mut(&p.event.participant_id)
+            {
+                ids.remove(id);
             }
             if p.event.kind == Kind::Joined {
                 self.meta.participants.retain(|m| m.id != p.event.participant_id);
