@@ -39,6 +39,15 @@ enum Command {
     Bench(parley::bench::Options),
     /// Print the SHA-256 digest of a token, for the deployment file's [auth] section.
     HashToken { token: String },
+    /// Plugin tools.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Show a component's Parley world, WIT version, exports and the imports it asks for.
+    Inspect { file: PathBuf },
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,6 +65,19 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
+        Command::Plugin(PluginCommand::Inspect { file }) => {
+            let shown = file.display().to_string();
+            match std::fs::read(&file).map_err(|e| format!("cannot read the component: {e}")).and_then(|b| parley::plugins::inspect::report(&shown, &b)) {
+                Ok(report) => {
+                    print!("{report}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(problem) => {
+                    eprintln!("parley plugin inspect: {shown}: {problem}");
+                    std::process::ExitCode::from(2)
+                }
+            }
+        }
         Command::HashToken { token } => {
             println!("{}", hex::encode(parley::auth::hash(&token)));
             std::process::ExitCode::SUCCESS

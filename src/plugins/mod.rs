@@ -5,6 +5,7 @@
 pub mod bindings;
 pub mod builtin;
 pub mod host;
+pub mod inspect;
 pub mod slots;
 
 use crate::config::{Deployment, PluginSection};
@@ -261,13 +262,7 @@ impl Runtime {
     /// Compiles a component, or reuses the compiled artifact cached for these exact bytes and
     /// this engine configuration (compiling a Python or JavaScript component takes seconds).
     fn compile(&self, bytes: &[u8]) -> Result<Component, String> {
-        match bytes {
-            [0, b'a', b's', b'm', _, _, 0, 0, ..] => {
-                return Err("is a core WebAssembly module, not a component (build it for wasm32-wasip2 or wrap it with `wasm-tools component new`)".into());
-            }
-            [0, b'a', b's', b'm', ..] => {}
-            _ => return Err("is not a WebAssembly component (no \\0asm header)".into()),
-        }
+        check_header(bytes)?;
         let mut engine_hash = std::hash::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
         let key = format!("{}-{:016x}.cwasm", hex::encode(Sha256::digest(bytes)), engine_hash.finish());
@@ -332,16 +327,10 @@ pub fn check_contract(engine: &wasmtime::Engine, component: &Component, world: W
         return Err(problem);
     }
     for (name, _) in ty.imports(engine) {
-        let Some((interface, version)) = parse_parley(name) else { continue };
-        if version != bindings::VERSION {
-            return Err(format!("imports {name}, but this host offers {}@{}", bindings::PACKAGE, bindings::VERSION));
-        }
-        let needed = match interface.as_str() {
-            "sql" => Grant::Sql,
-            "log" => Grant::Log,
-            "clock" => Grant::Clock,
-            "types" => continue,
-            other => return Err(format!("imports {name}, which this host does not offer (interface {other:?})")),
+        let needed = match grant_for_import(name) {
+            None | Some(Ok(None)) => continue,
+            Some(Ok(Some(grant))) => grant,
+            Some(Err(problem)) => return Err(problem),
         };
         if !grants.contains(&needed) {
             return Err(format!(
@@ -351,6 +340,33 @@ pub fn check_contract(engine: &wasmtime::Engine, component: &Component, world: W
         }
     }
     Ok(())
+}
+
+/// Which grant a Parley import needs: None for a non-Parley import, Ok(None) for the shared
+/// types, an error for a version or interface this host does not offer.
+fn grant_for_import(name: &str) -> Option<Result<Option<Grant>, String>> {
+    let (interface, version) = parse_parley(name)?;
+    if version != bindings::VERSION {
+        return Some(Err(format!("imports {name}, but this host offers {}@{}", bindings::PACKAGE, bindings::VERSION)));
+    }
+    Some(match interface.as_str() {
+        "sql" => Ok(Some(Grant::Sql)),
+        "log" => Ok(Some(Grant::Log)),
+        "clock" => Ok(Some(Grant::Clock)),
+        "types" => Ok(None),
+        other => Err(format!("imports {name}, which this host does not offer (interface {other:?})")),
+    })
+}
+
+/// Tells a component from a core module or a file that is not WebAssembly at all.
+fn check_header(bytes: &[u8]) -> Result<(), String> {
+    match bytes {
+        [0, b'a', b's', b'm', _, _, 0, 0, ..] => {
+            Err("is a core WebAssembly module, not a component (build it for wasm32-wasip2 or wrap it with `wasm-tools component new`)".into())
+        }
+        [0, b'a', b's', b'm', ..] => Ok(()),
+        _ => Err("is not a WebAssembly component (no \\0asm header)".into()),
+    }
 }
 
 /// "parley:plugin/store@0.1.0" -> ("store", "0.1.0")
