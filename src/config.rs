@@ -27,6 +27,9 @@ pub struct Deployment {
     /// Directory the deployment file lives in; relative plugin paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The deployment file itself, if there is one (plugin reload re-reads it).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,6 +168,7 @@ impl Default for Deployment {
             sqlite: SqliteSection::default(),
             plugins: PluginsSection::default(),
             base_dir: PathBuf::from("."),
+            source: None,
         }
     }
 }
@@ -175,6 +179,7 @@ impl Deployment {
         let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
         let mut d: Deployment = toml::from_str(&text).map_err(|e| problem(e.message().to_string()))?;
         d.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        d.source = Some(path.to_path_buf());
         d.validate()?;
         Ok(d)
     }

@@ -49,6 +49,13 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
         PolicySlot::spawn(policy),
         NoticeSlot::spawn(notices),
     );
+    let plugins = Plugins {
+        runtime: runtime.clone(),
+        database: database.clone(),
+        source: deployment.source.clone(),
+        slots: slots.clone(),
+        reloading: tokio::sync::Mutex::new(()),
+    };
 
     let mut staff = StaffTokens::default();
     let decode = |h: &String| {
@@ -75,6 +82,7 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
         limits: deployment.limits.clone(),
         kpi,
         draining: AtomicBool::new(false),
+        plugins,
     });
     Ok(Started { app, listener })
 }
@@ -86,4 +94,36 @@ async fn ready<W: World>(runtime: &Arc<Runtime>, deployment: &Deployment, slot: 
     let mut instance = runtime.instance::<W>(plugin, database);
     instance.warm_up().await.map_err(|fault| LoadError { slot: slot.name(), file, problem: fault.to_string() })?;
     Ok(instance)
+}
+
+/// What plugin reload needs: the runtime, the database plugins are granted, the deployment
+/// file, and the slot workers to hand new instances to.
+pub struct Plugins {
+    runtime: Arc<Runtime>,
+    database: DatabaseFile,
+    source: Option<std::path::PathBuf>,
+    slots: (StoreSlot, StoreSlot, PolicySlot, NoticeSlot),
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl Plugins {
+    /// Re-reads the deployment file and loads every slot's plugin; only when all four load,
+    /// instantiate and accept their settings are they handed to the slots (each takes its new
+    /// instance between two calls). Otherwise nothing changes and the problem is returned.
+    pub async fn reload(&self) -> Result<(), String> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let source = self.source.as_ref().ok_or("this instance runs on the embedded defaults: there is no deployment file to reload")?;
+        let deployment = Deployment::from_file(source).map_err(|e| e.to_string())?;
+        let db = Some(self.database.clone());
+        let intermediate = ready::<TranscriptStore>(&self.runtime, &deployment, Slot::Intermediate, db.clone()).await.map_err(|e| e.to_string())?;
+        let final_store = ready::<TranscriptStore>(&self.runtime, &deployment, Slot::Final, db).await.map_err(|e| e.to_string())?;
+        let policy = ready::<SaveErrorPolicy>(&self.runtime, &deployment, Slot::SaveErrorPolicy, None).await.map_err(|e| e.to_string())?;
+        let notices = ready::<NoticeHandler>(&self.runtime, &deployment, Slot::NoticeHandler, None).await.map_err(|e| e.to_string())?;
+        let (s_intermediate, s_final, s_policy, s_notices) = &self.slots;
+        s_intermediate.replace(intermediate);
+        s_final.replace(final_store);
+        s_policy.replace(policy).await;
+        s_notices.replace(notices);
+        Ok(())
+    }
 }

@@ -125,6 +125,17 @@ async fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>, data: Option
     let addr = started.listener.local_addr().expect("bound");
     // Tests and scripts read this line to find the port when started with --listen 127.0.0.1:0.
     println!("parley: instance {} listening on http://{addr}", started.app.instance_id);
+    // SIGHUP reloads the plugins, as POST /admin/reload does.
+    let app = started.app.clone();
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("SIGHUP handler");
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match app.plugins.reload().await {
+                Ok(()) => tracing::info!(event_id = "plugins.reloaded", "plugins reloaded on SIGHUP"),
+                Err(problem) => tracing::warn!(event_id = "plugins.reload_refused", cause = %problem, "plugin reload refused; the running plugins stay"),
+            }
+        }
+    });
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {

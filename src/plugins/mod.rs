@@ -439,7 +439,7 @@ pub struct Instance<W: World> {
 }
 
 impl<W: World> Instance<W> {
-    async fn instantiate(&self) -> Result<(Store<PluginState>, W), PluginFault> {
+    async fn instantiate(&mut self) -> Result<(Store<PluginState>, W), PluginFault> {
         let plugin = &self.plugin;
         let sql = match (&self.database, plugin.grants.contains(&Grant::Sql)) {
             (Some(db), true) => Some(db.open().map_err(|e| PluginFault::Instantiate(format!("database: {e}")))?),

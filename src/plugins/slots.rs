@@ -3,7 +3,7 @@
 //! (one `save` call, one SQLite transaction, for every chat with unsaved events), and one
 //! `decide` / `handle` call for all pending policy and notice work.
 
-use super::bindings::notices::{Audience, Delivery, Notice};
+use super::bindings::notices::{Audience, Notice};
 use super::bindings::policy::{Decision, ErrorKind, SaveFailure};
 use super::bindings::types::{ChatDelta, StoreError, Transcript};
 use super::bindings::{NoticeHandler, SaveErrorPolicy, TranscriptStore};
@@ -63,6 +63,8 @@ enum StoreJob {
     Load(String, Reply<Option<Transcript>>),
     SaveFinal(Transcript, Reply<()>),
     Purge(String, Reply<()>),
+    /// A reloaded plugin: used for every call after the ones already taken.
+    Replace(Box<Instance<TranscriptStore>>),
 }
 
 /// A handle on a store slot (`intermediate` or `final`).
@@ -106,6 +108,9 @@ impl StoreSlot {
     }
     pub async fn purge(&self, chat_id: &str) -> Result<(), StorageError> {
         self.ask(|r| StoreJob::Purge(chat_id.into(), r)).await
+    }
+    pub fn replace(&self, instance: Instance<TranscriptStore>) {
+        let _ = self.jobs.send(StoreJob::Replace(Box::new(instance)));
     }
 }
 
@@ -179,6 +184,7 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
                     let r = instance.call(async |b, s| b.parley_plugin_store().call_purge(s, &chat_id).await).await;
                     let _ = reply.send(flatten(r));
                 }
+                StoreJob::Replace(new) => instance = *new,
             }
         }
     }
@@ -192,10 +198,15 @@ fn flatten<T>(r: Result<Result<T, StoreError>, PluginFault>) -> Result<T, Storag
     }
 }
 
+enum PolicyJob {
+    Decide(SaveFailure, oneshot::Sender<Decision>),
+    Replace(Box<Instance<SaveErrorPolicy>>),
+}
+
 /// A handle on the save-error-policy slot.
 #[derive(Clone)]
 pub struct PolicySlot {
-    jobs: mpsc::Sender<(SaveFailure, oneshot::Sender<Decision>)>,
+    jobs: mpsc::Sender<PolicyJob>,
 }
 
 impl PolicySlot {
@@ -207,25 +218,45 @@ impl PolicySlot {
 
     pub async fn decide(&self, failure: SaveFailure) -> Decision {
         let (tx, rx) = oneshot::channel();
-        if self.jobs.send((failure, tx)).await.is_err() {
+        if self.jobs.send(PolicyJob::Decide(failure, tx)).await.is_err() {
             return Decision::Close("the save-error policy is not running".into());
         }
         rx.await.unwrap_or_else(|_| Decision::Close("the save-error policy is not running".into()))
     }
+
+    pub async fn replace(&self, instance: Instance<SaveErrorPolicy>) {
+        let _ = self.jobs.send(PolicyJob::Replace(Box::new(instance))).await;
+    }
 }
 
-async fn run_policy(mut instance: Instance<SaveErrorPolicy>, mut rx: mpsc::Receiver<(SaveFailure, oneshot::Sender<Decision>)>) {
+async fn run_policy(mut instance: Instance<SaveErrorPolicy>, mut rx: mpsc::Receiver<PolicyJob>) {
     let mut jobs = Vec::new();
     while rx.recv_many(&mut jobs, 1024).await > 0 {
-        let (failures, replies): (Vec<_>, Vec<_>) = jobs.drain(..).unzip();
-        let decisions = match instance.call(async |b, s| b.parley_plugin_policy().call_decide(s, &failures).await).await {
-            Ok(d) if d.len() == failures.len() => d,
-            Ok(_) => vec![Decision::Close("the save-error policy answered with the wrong number of decisions".into()); failures.len()],
-            // A broken policy must not keep a chat open on unsaved messages: close.
-            Err(fault) => vec![Decision::Close(format!("the save-error policy failed ({fault})")); failures.len()],
-        };
-        for (decision, reply) in decisions.into_iter().zip(replies) {
-            let _ = reply.send(decision);
+        let mut failures = Vec::with_capacity(jobs.len());
+        let mut replies = Vec::with_capacity(jobs.len());
+        let mut replacement = None;
+        for job in jobs.drain(..) {
+            match job {
+                PolicyJob::Decide(f, reply) => {
+                    failures.push(f);
+                    replies.push(reply);
+                }
+                PolicyJob::Replace(new) => replacement = Some(new),
+            }
+        }
+        if !failures.is_empty() {
+            let decisions = match instance.call(async |b, s| b.parley_plugin_policy().call_decide(s, &failures).await).await {
+                Ok(d) if d.len() == failures.len() => d,
+                Ok(_) => vec![Decision::Close("the save-error policy answered with the wrong number of decisions".into()); failures.len()],
+                // A broken policy must not keep a chat open on unsaved messages: close.
+                Err(fault) => vec![Decision::Close(format!("the save-error policy failed ({fault})")); failures.len()],
+            };
+            for (decision, reply) in decisions.into_iter().zip(replies) {
+                let _ = reply.send(decision);
+            }
+        }
+        if let Some(new) = replacement {
+            instance = *new;
         }
     }
 }
@@ -235,10 +266,15 @@ pub trait NoticeSink: Send + Sync {
     fn deliver(&self, audience: Audience, text: String);
 }
 
+enum NoticeJob {
+    Raise(Notice, Arc<dyn NoticeSink>),
+    Replace(Box<Instance<NoticeHandler>>),
+}
+
 /// A handle on the notice-handler slot. Raising a notice never waits for the plugin.
 #[derive(Clone)]
 pub struct NoticeSlot {
-    jobs: mpsc::UnboundedSender<(Notice, Arc<dyn NoticeSink>)>,
+    jobs: mpsc::UnboundedSender<NoticeJob>,
 }
 
 impl NoticeSlot {
@@ -249,29 +285,41 @@ impl NoticeSlot {
     }
 
     pub fn raise(&self, notice: Notice, sink: Arc<dyn NoticeSink>) {
-        let _ = self.jobs.send((notice, sink));
+        let _ = self.jobs.send(NoticeJob::Raise(notice, sink));
+    }
+
+    pub fn replace(&self, instance: Instance<NoticeHandler>) {
+        let _ = self.jobs.send(NoticeJob::Replace(Box::new(instance)));
     }
 }
 
-async fn run_notices(mut instance: Instance<NoticeHandler>, mut rx: mpsc::UnboundedReceiver<(Notice, Arc<dyn NoticeSink>)>) {
+async fn run_notices(mut instance: Instance<NoticeHandler>, mut rx: mpsc::UnboundedReceiver<NoticeJob>) {
     let mut jobs = Vec::new();
     while rx.recv_many(&mut jobs, 1024).await > 0 {
         let mut sinks: HashMap<String, Arc<dyn NoticeSink>> = HashMap::with_capacity(jobs.len());
-        let notices: Vec<Notice> = jobs
-            .drain(..)
-            .map(|(n, sink)| {
-                sinks.insert(n.chat_id.clone(), sink);
-                n
-            })
-            .collect();
-        let deliveries: Vec<Delivery> = match instance.call(async |b, s| b.parley_plugin_notices().call_handle(s, &notices).await).await {
-            Ok(d) => d,
-            Err(_) => continue, // logged by the instance; notices are advisory
-        };
-        for d in deliveries {
-            if let Some(sink) = sinks.get(&d.chat_id) {
-                sink.deliver(d.audience, d.text);
+        let mut notices = Vec::with_capacity(jobs.len());
+        let mut replacement = None;
+        for job in jobs.drain(..) {
+            match job {
+                NoticeJob::Raise(n, sink) => {
+                    sinks.insert(n.chat_id.clone(), sink);
+                    notices.push(n);
+                }
+                NoticeJob::Replace(new) => replacement = Some(new),
             }
+        }
+        if !notices.is_empty() {
+            // On a fault nothing is delivered (the instance logged it): notices are advisory.
+            if let Ok(deliveries) = instance.call(async |b, s| b.parley_plugin_notices().call_handle(s, &notices).await).await {
+                for d in deliveries {
+                    if let Some(sink) = sinks.get(&d.chat_id) {
+                        sink.deliver(d.audience, d.text);
+                    }
+                }
+            }
+        }
+        if let Some(new) = replacement {
+            instance = *new;
         }
     }
 }

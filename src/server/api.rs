@@ -58,6 +58,7 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, ["metrics"]) => Ok(respond(StatusCode::OK, "text/plain; version=0.0.4", app.kpi.to_prometheus(&app.instance_id))),
         (&Method::POST, ["admin", "drain"]) => set_draining(&app, &req, true),
         (&Method::POST, ["admin", "undrain"]) => set_draining(&app, &req, false),
+        (&Method::POST, ["admin", "reload"]) => reload(&app, &req).await,
         (&Method::GET, ["v1", "queue"]) => queue(&app, &req),
         (&Method::POST, ["v1", "chats"]) => create_chat(&app, req).await,
         (_, ["v1", "chats", chat_id, action]) => {
@@ -76,7 +77,7 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 _ => Err(not_found(&path)),
             }
         }
-        (_, ["healthz" | "readyz" | "openapi.json" | "metrics"] | ["v1", "kpi" | "queue" | "chats"] | ["admin", "drain" | "undrain"]) => {
+        (_, ["healthz" | "readyz" | "openapi.json" | "metrics"] | ["v1", "kpi" | "queue" | "chats"] | ["admin", "drain" | "undrain" | "reload"]) => {
             Err(wrong_method(&method))
         }
         _ => Err(not_found(&path)),
@@ -181,6 +182,20 @@ fn set_draining(app: &App, req: &Request<Incoming>, draining: bool) -> Reply {
     app.draining.store(draining, Ordering::Relaxed);
     tracing::info!(event_id = if draining { "instance.drain" } else { "instance.undrain" }, "draining = {draining}");
     json(StatusCode::OK, serde_json::json!({"draining": draining, "sessions_current": app.kpi.sessions_current.load(Ordering::Relaxed)}))
+}
+
+async fn reload(app: &App, req: &Request<Incoming>) -> Reply {
+    require_admin(app, req)?;
+    match app.plugins.reload().await {
+        Ok(()) => {
+            tracing::info!(event_id = "plugins.reloaded", "plugins reloaded from the deployment file");
+            json(StatusCode::OK, serde_json::json!({"reloaded": true}))
+        }
+        Err(problem) => {
+            tracing::warn!(event_id = "plugins.reload_refused", cause = %problem, "plugin reload refused; the running plugins stay");
+            Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "reload_refused", problem))
+        }
+    }
 }
 
 fn queue(app: &App, req: &Request<Incoming>) -> Reply {

@@ -24,6 +24,7 @@ pub struct App {
     pub limits: LimitsSection,
     pub kpi: Arc<Kpi>,
     pub draining: AtomicBool,
+    pub plugins: crate::instance::Plugins,
 }
 
 /// Serves `app` on an already bound listener until `shutdown` resolves.
