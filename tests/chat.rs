@@ -246,3 +246,29 @@ fn rusqlite_count(db: &std::path::Path) -> i64 {
     let conn = rusqlite::Connection::open(db).unwrap();
     conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0)).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_of_chats_restores_at_once_after_kill_9() {
+    let data = Scratch::new("wave");
+    let server = Server::start(data.path(), None);
+    let mut chats = Vec::new();
+    for i in 0..30 {
+        let (mut customer, _agent) = open_chat(&server, &format!("C{i}")).await;
+        assert_eq!(customer.send(&format!("hello from {i}"), "m1").await.status, 200);
+        chats.push(customer);
+    }
+    server.kill9();
+    let server = Server::start(data.path(), None);
+    // Every chat's first request arrives at once, so their loads queue together in the store slot.
+    let restores = chats.into_iter().enumerate().map(|(i, mut customer)| {
+        customer.moved_to(&server);
+        async move {
+            let t = customer.transcript().await;
+            assert_eq!(messages(&t), vec![(3, format!("hello from {i}"))]);
+            assert_eq!(customer.send("back", "m2").await.body["seq"], 5, "after `reconnected` (4)");
+        }
+    });
+    futures_util::future::join_all(restores).await;
+    let kpi = server.client().get("/v1/kpi", None).await.unwrap().ok().unwrap();
+    assert_eq!(kpi["session_restored"], 30);
+}

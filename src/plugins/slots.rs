@@ -165,15 +165,39 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
             }
             deltas.clear();
         }
+        // Loads queued together (a wave of restores) go in one call too.
+        let (loads, others): (Vec<_>, Vec<_>) = others.into_iter().partition(|j| matches!(j, StoreJob::Load(..)));
+        if !loads.is_empty() {
+            let (ids, load_replies): (Vec<String>, Vec<Reply<Option<Transcript>>>) = loads
+                .into_iter()
+                .map(|j| match j {
+                    StoreJob::Load(id, reply) => (id, reply),
+                    _ => unreachable!("partitioned above"),
+                })
+                .unzip();
+            match instance.call(async |b, s| b.parley_plugin_store().call_load(s, &ids).await).await {
+                Ok(results) if results.len() == ids.len() => {
+                    for (r, reply) in results.into_iter().zip(load_replies) {
+                        let _ = reply.send(r.map_err(StorageError::from));
+                    }
+                }
+                Ok(_) => {
+                    for reply in load_replies {
+                        let _ = reply.send(Err(PluginFault::Trap("load returned the wrong number of results".into()).into()));
+                    }
+                }
+                Err(fault) => {
+                    for reply in load_replies {
+                        let _ = reply.send(Err(fault.clone().into()));
+                    }
+                }
+            }
+        }
         for job in others {
             match job {
-                StoreJob::Save(..) => unreachable!("saves were batched above"),
+                StoreJob::Save(..) | StoreJob::Load(..) => unreachable!("batched above"),
                 StoreJob::Claim { chat_id, owner, expected_epoch, reply } => {
                     let r = instance.call(async |b, s| b.parley_plugin_store().call_claim(s, &chat_id, &owner, expected_epoch).await).await;
-                    let _ = reply.send(flatten(r));
-                }
-                StoreJob::Load(chat_id, reply) => {
-                    let r = instance.call(async |b, s| b.parley_plugin_store().call_load(s, &chat_id).await).await;
                     let _ = reply.send(flatten(r));
                 }
                 StoreJob::SaveFinal(transcript, reply) => {

@@ -53,8 +53,8 @@ impl Guest for FaultyStore {
     fn claim(chat_id: String, owner: String, expected_epoch: u64) -> Result<u64, StoreError> {
         tables::claim(&chat_id, &owner, expected_epoch)
     }
-    fn load(chat_id: String) -> Result<Option<Transcript>, StoreError> {
-        tables::load(&chat_id)
+    fn load(chat_ids: Vec<String>) -> Vec<Result<Option<Transcript>, StoreError>> {
+        chat_ids.iter().map(|id| tables::load(id)).collect()
     }
     fn save_final(transcript: Transcript) -> Result<(), StoreError> {
         tables::save_final(&transcript)
