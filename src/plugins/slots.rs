@@ -119,12 +119,19 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
     let mut deltas = Vec::with_capacity(max_batch);
     let mut replies = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut jobs, max_batch).await > 0 {
+        // Saves, and loads (a wave of restores), queued together go in one call each.
+        let mut load_ids = Vec::new();
+        let mut load_replies = Vec::new();
         let mut others = Vec::new();
         for job in jobs.drain(..) {
             match job {
                 StoreJob::Save(delta, reply) => {
                     deltas.push(delta);
                     replies.push(reply);
+                }
+                StoreJob::Load(id, reply) => {
+                    load_ids.push(id);
+                    load_replies.push(reply);
                 }
                 other => others.push(other),
             }
@@ -133,69 +140,26 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
             let started = Instant::now();
             let result = instance.call(async |b, s| b.parley_plugin_store().call_save(s, &deltas).await).await;
             kpi.record_save_batch(deltas.iter().map(|d| d.events.len()).sum(), started.elapsed());
-            match result {
-                Ok(results) if results.len() == deltas.len() => {
-                    for (r, reply) in results.into_iter().zip(replies.drain(..)) {
-                        let _ = reply.send(r.map_err(StorageError::from));
-                    }
+            if result.is_err() && deltas.len() > 1 {
+                // One chat's delta may have made the plugin trap, loop or blow its memory:
+                // resend each alone so only that chat's save fails.
+                for (delta, reply) in deltas.drain(..).zip(replies.drain(..)) {
+                    let one = std::slice::from_ref(&delta);
+                    let r = instance.call(async |b, s| b.parley_plugin_store().call_save(s, one).await).await;
+                    answer("save", [reply], r);
                 }
-                Ok(results) => {
-                    let fault = PluginFault::Trap(format!("save returned {} results for {} chats", results.len(), deltas.len()));
-                    for reply in replies.drain(..) {
-                        let _ = reply.send(Err(fault.clone().into()));
-                    }
-                }
-                Err(fault) if deltas.len() == 1 => {
-                    let _ = replies.pop().expect("one reply per delta").send(Err(fault.into()));
-                }
-                Err(_) => {
-                    // One chat's delta may have made the plugin trap, loop or blow its memory:
-                    // resend each alone so only that chat's save fails.
-                    for (delta, reply) in deltas.drain(..).zip(replies.drain(..)) {
-                        let one = std::slice::from_ref(&delta);
-                        let r = instance.call(async |b, s| b.parley_plugin_store().call_save(s, one).await).await;
-                        let r = match r {
-                            Ok(mut results) if results.len() == 1 => results.pop().expect("one result").map_err(StorageError::from),
-                            Ok(_) => Err(PluginFault::Trap("save returned the wrong number of results".into()).into()),
-                            Err(fault) => Err(fault.into()),
-                        };
-                        let _ = reply.send(r);
-                    }
-                }
+            } else {
+                answer("save", replies.drain(..), result);
             }
             deltas.clear();
         }
-        // Loads queued together (a wave of restores) go in one call too.
-        let (loads, others): (Vec<_>, Vec<_>) = others.into_iter().partition(|j| matches!(j, StoreJob::Load(..)));
-        if !loads.is_empty() {
-            let (ids, load_replies): (Vec<String>, Vec<Reply<Option<Transcript>>>) = loads
-                .into_iter()
-                .map(|j| match j {
-                    StoreJob::Load(id, reply) => (id, reply),
-                    _ => unreachable!("partitioned above"),
-                })
-                .unzip();
-            match instance.call(async |b, s| b.parley_plugin_store().call_load(s, &ids).await).await {
-                Ok(results) if results.len() == ids.len() => {
-                    for (r, reply) in results.into_iter().zip(load_replies) {
-                        let _ = reply.send(r.map_err(StorageError::from));
-                    }
-                }
-                Ok(_) => {
-                    for reply in load_replies {
-                        let _ = reply.send(Err(PluginFault::Trap("load returned the wrong number of results".into()).into()));
-                    }
-                }
-                Err(fault) => {
-                    for reply in load_replies {
-                        let _ = reply.send(Err(fault.clone().into()));
-                    }
-                }
-            }
+        if !load_ids.is_empty() {
+            let result = instance.call(async |b, s| b.parley_plugin_store().call_load(s, &load_ids).await).await;
+            answer("load", load_replies, result);
         }
         for job in others {
             match job {
-                StoreJob::Save(..) | StoreJob::Load(..) => unreachable!("batched above"),
+                StoreJob::Save(..) | StoreJob::Load(..) => unreachable!("sorted into their batches above"),
                 StoreJob::Claim { chat_id, owner, expected_epoch, reply } => {
                     let r = instance.call(async |b, s| b.parley_plugin_store().call_claim(s, &chat_id, &owner, expected_epoch).await).await;
                     let _ = reply.send(flatten(r));
@@ -209,6 +173,30 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
                     let _ = reply.send(flatten(r));
                 }
                 StoreJob::Replace(new) => instance = *new,
+            }
+        }
+    }
+}
+
+/// Sends each caller its result from one batch call: a plugin fault, or a plugin that
+/// answers with the wrong number of results, fails every caller in the batch.
+fn answer<T>(what: &str, replies: impl IntoIterator<Item = Reply<T>>, result: Result<Vec<Result<T, StoreError>>, PluginFault>) {
+    let replies: Vec<Reply<T>> = replies.into_iter().collect();
+    match result {
+        Ok(results) if results.len() == replies.len() => {
+            for (r, reply) in results.into_iter().zip(replies) {
+                let _ = reply.send(r.map_err(StorageError::from));
+            }
+        }
+        Ok(results) => {
+            let fault = PluginFault::Trap(format!("{what} returned {} results for {} chats", results.len(), replies.len()));
+            for reply in replies {
+                let _ = reply.send(Err(fault.clone().into()));
+            }
+        }
+        Err(fault) => {
+            for reply in replies {
+                let _ = reply.send(Err(fault.clone().into()));
             }
         }
     }
