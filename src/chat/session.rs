@@ -83,7 +83,6 @@ pub(super) async fn restore(deps: Arc<Deps>, map: ChatMap, t: Transcript) -> Res
     let events: Vec<Arc<Event>> = t.events.into_iter().map(Event::from_wit).collect();
     if t.state == ChatState::Closed {
         let session = Session::new(deps, map, t.chat_id.into(), t.epoch, ChatState::Closed, meta, events, Vec::new());
-        session.shared.set_roster(session.roster());
         return Ok(session.spawn());
     }
     let epoch = deps
@@ -110,7 +109,7 @@ impl Session {
         }
         let placeholder = Roster { state, subject: String::new(), customer_nickname: "".into(), created_ms: 0, members: Vec::new() };
         let shared = ChatShared::new(id, placeholder, events);
-        let mut s = Session {
+        let s = Session {
             deps,
             map,
             shared,
@@ -121,7 +120,8 @@ impl Session {
             unsaved: Vec::new(),
             in_flight: 0,
             saving: None,
-            meta_dirty: true,
+            // A new chat's first save writes its row; a restored chat's row is already stored.
+            meta_dirty: epoch == 1,
             meta_in_flight: false,
             sent,
             must_reconnect,
@@ -132,7 +132,6 @@ impl Session {
             ended: false,
         };
         s.shared.set_roster(s.roster());
-        s.meta_dirty = epoch == 1;
         s
     }
 
