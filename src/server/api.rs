@@ -135,8 +135,12 @@ pub fn bearer(req: &Request<Incoming>) -> Option<&str> {
     req.headers().get(AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 
+pub fn unauthorized() -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "an Authorization: Bearer token is required")
+}
+
 fn require_token(req: &Request<Incoming>) -> Result<&str, ApiError> {
-    bearer(req).ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "an Authorization: Bearer token is required"))
+    bearer(req).ok_or_else(unauthorized)
 }
 
 fn require_agent(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
@@ -153,9 +157,14 @@ fn forbidden(message: &str) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
 }
 
-/// The chat and the participant the request's token belongs to; anyone else gets 403.
-pub async fn participant(app: &App, chat_id: &str, token: Option<&str>) -> Result<(ChatHandle, Member), ApiError> {
-    let token = token.ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "an Authorization: Bearer token is required"))?;
+/// The chat and the participant the request's bearer token belongs to.
+async fn caller(app: &App, chat_id: &str, req: &Request<Incoming>) -> Result<(ChatHandle, Member), ApiError> {
+    let token = require_token(req)?.to_owned();
+    participant(app, chat_id, &token).await
+}
+
+/// The chat and the participant `token` belongs to; anyone else gets 403.
+pub async fn participant(app: &App, chat_id: &str, token: &str) -> Result<(ChatHandle, Member), ApiError> {
     check_id(chat_id)?;
     let chat = app.chats.find(chat_id).await?;
     let member = chat.shared.authenticate(token).ok_or_else(|| forbidden("this token does not belong to a participant of this chat"))?;
@@ -244,8 +253,7 @@ struct PostMessage {
 }
 
 async fn post_message(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
-    let token = bearer(&req).map(str::to_owned);
-    let (chat, member) = participant(app, chat_id, token.as_deref()).await?;
+    let (chat, member) = caller(app, chat_id, &req).await?;
     let body: PostMessage = read_json(app, req).await?;
     let chars = body.text.chars().count();
     if body.text.trim().is_empty() {
@@ -273,8 +281,7 @@ struct Typing {
 }
 
 async fn typing(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
-    let token = bearer(&req).map(str::to_owned);
-    let (chat, member) = participant(app, chat_id, token.as_deref()).await?;
+    let (chat, member) = caller(app, chat_id, &req).await?;
     let body: Typing = read_json(app, req).await?;
     chat.shared.typing(&member, body.typing);
     json(StatusCode::OK, serde_json::json!({"typing": body.typing}))
@@ -307,8 +314,7 @@ const MAX_WAIT_MS: u64 = 60_000;
 async fn events(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
     let after = query_u64(&req, "after", 0)?;
     let wait_ms = query_u64(&req, "wait_ms", 0)?.min(MAX_WAIT_MS);
-    let token = bearer(&req).map(str::to_owned);
-    let (chat, member) = participant(app, chat_id, token.as_deref()).await?;
+    let (chat, member) = caller(app, chat_id, &req).await?;
     let shared = &chat.shared;
     let mut live = shared.subscribe_live();
     let mut committed = shared.watch_committed();
@@ -344,8 +350,7 @@ async fn events(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
 }
 
 async fn transcript(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
-    let token = bearer(&req).map(str::to_owned);
-    let (chat, member) = participant(app, chat_id, token.as_deref()).await?;
+    let (chat, member) = caller(app, chat_id, &req).await?;
     let state = chat.shared.state();
     let events = chat.shared.events_after(0, usize::MAX, member.role);
     let mut body = format!("{{\"chat_id\":\"{}\",\"state\":\"{}\",\"events\":[", chat.shared.id, state_name(state));
@@ -369,8 +374,7 @@ fn state_name(s: crate::plugins::bindings::types::ChatState) -> &'static str {
 }
 
 async fn leave(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
-    let token = bearer(&req).map(str::to_owned);
-    let (chat, member) = participant(app, chat_id, token.as_deref()).await?;
+    let (chat, member) = caller(app, chat_id, &req).await?;
     let seq = chat.leave(&member).await?;
     json(StatusCode::OK, serde_json::json!({"seq": seq}))
 }
@@ -402,8 +406,7 @@ struct CloseBody {
 }
 
 async fn close(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
-    let token = bearer(&req).map(str::to_owned);
-    let (chat, member) = participant(app, chat_id, token.as_deref()).await?;
+    let (chat, member) = caller(app, chat_id, &req).await?;
     if member.role != Role::Agent {
         return Err(forbidden("only an agent of this chat can close it; customers leave"));
     }

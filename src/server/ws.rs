@@ -3,7 +3,7 @@
 //! also come as `?token=`.
 
 use super::App;
-use super::api::{ApiError, Body, bearer, participant, query_pairs, query_u64};
+use super::api::{ApiError, Body, bearer, participant, query_pairs, query_u64, unauthorized};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 pub async fn upgrade(app: &Arc<App>, chat_id: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let after = query_u64(&req, "after", 0)?;
     let token = bearer(&req).map(str::to_owned).or_else(|| query_pairs(&req).into_iter().find(|(k, _)| k == "token").map(|(_, v)| v));
-    let (chat, member) = participant(app, chat_id, token.as_deref()).await?;
+    let (chat, member) = participant(app, chat_id, &token.ok_or_else(unauthorized)?).await?;
     let key = req
         .headers()
         .get(SEC_WEBSOCKET_KEY)
