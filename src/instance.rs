@@ -39,10 +39,7 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
     };
     let kpi = Arc::new(Kpi::default());
 
-    let intermediate = ready::<TranscriptStore>(&runtime, &deployment, Slot::Intermediate, Some(database.clone())).await?;
-    let final_store = ready::<TranscriptStore>(&runtime, &deployment, Slot::Final, Some(database.clone())).await?;
-    let policy = ready::<SaveErrorPolicy>(&runtime, &deployment, Slot::SaveErrorPolicy, None).await?;
-    let notices = ready::<NoticeHandler>(&runtime, &deployment, Slot::NoticeHandler, None).await?;
+    let (intermediate, final_store, policy, notices) = load_slots(&runtime, &deployment, &database).await?;
     let slots = (
         StoreSlot::spawn(intermediate, deployment.transcript.max_batch, kpi.clone()),
         StoreSlot::spawn(final_store, 64, kpi.clone()),
@@ -87,6 +84,18 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
     Ok(Started { app, listener })
 }
 
+type SlotInstances = (Instance<TranscriptStore>, Instance<TranscriptStore>, Instance<SaveErrorPolicy>, Instance<NoticeHandler>);
+
+/// Loads, checks and instantiates the plugin of every slot (at startup and on reload).
+async fn load_slots(runtime: &Arc<Runtime>, deployment: &Deployment, database: &DatabaseFile) -> Result<SlotInstances, LoadError> {
+    Ok((
+        ready(runtime, deployment, Slot::Intermediate, Some(database.clone())).await?,
+        ready(runtime, deployment, Slot::Final, Some(database.clone())).await?,
+        ready(runtime, deployment, Slot::SaveErrorPolicy, None).await?,
+        ready(runtime, deployment, Slot::NoticeHandler, None).await?,
+    ))
+}
+
 /// Loads a slot's plugin and instantiates it once, so bad settings stop the start, not a chat.
 async fn ready<W: World>(runtime: &Arc<Runtime>, deployment: &Deployment, slot: Slot, database: Option<DatabaseFile>) -> Result<Instance<W>, LoadError> {
     let plugin = Arc::new(runtime.load_slot(deployment, slot)?);
@@ -114,11 +123,7 @@ impl Plugins {
         let _one_at_a_time = self.reloading.lock().await;
         let source = self.source.as_ref().ok_or("this instance runs on the embedded defaults: there is no deployment file to reload")?;
         let deployment = Deployment::from_file(source).map_err(|e| e.to_string())?;
-        let db = Some(self.database.clone());
-        let intermediate = ready::<TranscriptStore>(&self.runtime, &deployment, Slot::Intermediate, db.clone()).await.map_err(|e| e.to_string())?;
-        let final_store = ready::<TranscriptStore>(&self.runtime, &deployment, Slot::Final, db).await.map_err(|e| e.to_string())?;
-        let policy = ready::<SaveErrorPolicy>(&self.runtime, &deployment, Slot::SaveErrorPolicy, None).await.map_err(|e| e.to_string())?;
-        let notices = ready::<NoticeHandler>(&self.runtime, &deployment, Slot::NoticeHandler, None).await.map_err(|e| e.to_string())?;
+        let (intermediate, final_store, policy, notices) = load_slots(&self.runtime, &deployment, &self.database).await.map_err(|e| e.to_string())?;
         let (s_intermediate, s_final, s_policy, s_notices) = &self.slots;
         s_intermediate.replace(intermediate);
         s_final.replace(final_store);
