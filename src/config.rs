@@ -20,6 +20,7 @@ pub struct Deployment {
     pub server: ServerSection,
     pub transcript: TranscriptSection,
     pub restore: RestoreSection,
+    pub cluster: ClusterSection,
     pub limits: LimitsSection,
     pub auth: AuthSection,
     pub sqlite: SqliteSection,
@@ -61,6 +62,35 @@ pub enum RestoreMode {
 pub struct RestoreSection {
     /// session-restoration-mode.
     pub mode: RestoreMode,
+    /// session-restore-extend-by: who may trigger a restore by reaching the chat.
+    pub allowed_initiators: Vec<Initiator>,
+    /// session-restore-do-purge: the old owner drops a chat as soon as it learns another
+    /// instance restored it. Off, it keeps its stale copy read-only until the linger time.
+    pub purge_old_owner: bool,
+}
+
+/// Who reaches a chat: its customer, one of its agents, or the workflow (admin token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Initiator {
+    Customer,
+    Agent,
+    Workflow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// How long an instance's lease lasts after each renewal. A dead instance's chats can be
+    /// restored once it runs out, so this bounds failover time; shorter means more renewals.
+    pub lease_ms: u64,
+    /// How often the lease is renewed (one store write each time).
+    pub renew_ms: u64,
+    /// The address other instances reach this one on; default: the listen address.
+    pub advertise: Option<String>,
+    /// The secret instances present to each other when passing requests on. Default: a key
+    /// generated once in the data directory, shared by the instances on one host.
+    pub secret: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -144,7 +174,12 @@ impl Default for TranscriptSection {
 }
 impl Default for RestoreSection {
     fn default() -> Self {
-        Self { mode: RestoreMode::Simple }
+        Self { mode: RestoreMode::Simple, allowed_initiators: vec![Initiator::Customer, Initiator::Agent, Initiator::Workflow], purge_old_owner: true }
+    }
+}
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self { lease_ms: 1500, renew_ms: 300, advertise: None, secret: None }
     }
 }
 impl Default for LimitsSection {
@@ -163,6 +198,7 @@ impl Default for Deployment {
             server: ServerSection::default(),
             transcript: TranscriptSection::default(),
             restore: RestoreSection::default(),
+            cluster: ClusterSection::default(),
             limits: LimitsSection::default(),
             auth: AuthSection::default(),
             sqlite: SqliteSection::default(),
@@ -190,6 +226,13 @@ impl Deployment {
         }
         if self.transcript.max_batch == 0 {
             return Err(ConfigError::Invalid("transcript.max_batch must be at least 1".into()));
+        }
+        let c = &self.cluster;
+        if c.renew_ms == 0 || c.lease_ms < 3 * c.renew_ms {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.lease_ms ({}) must be at least three times cluster.renew_ms ({}), so one slow renewal does not lose the lease",
+                c.lease_ms, c.renew_ms
+            )));
         }
         for hash in self.auth.agent_token_hashes.iter().chain(&self.auth.admin_token_hashes) {
             if hash.len() != 64 || hex::decode(hash).is_err() {

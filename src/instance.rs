@@ -2,6 +2,7 @@
 //! line naming slot, file and problem), starts a worker per slot, and binds the listener.
 
 use crate::auth::{self, StaffTokens};
+use crate::cluster::{self, Cluster, Lease};
 use crate::chat::{Chats, Deps};
 use crate::config::Deployment;
 use crate::kpi::Kpi;
@@ -40,9 +41,10 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
     let kpi = Arc::new(Kpi::default());
 
     let (intermediate, final_store, policy, notices) = load_slots(&runtime, &deployment, &database).await?;
+    let lease = Arc::new(Lease::new());
     let slots = (
-        StoreSlot::spawn(intermediate, deployment.transcript.max_batch, kpi.clone()),
-        StoreSlot::spawn(final_store, 64, kpi.clone()),
+        StoreSlot::spawn(intermediate, deployment.transcript.max_batch, kpi.clone(), Some(lease.clone())),
+        StoreSlot::spawn(final_store, 64, kpi.clone(), None),
         PolicySlot::spawn(policy),
         NoticeSlot::spawn(notices),
     );
@@ -71,15 +73,34 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
     let listener = tokio::net::TcpListener::bind(deployment.server.listen)
         .await
         .map_err(|e| StartError::Other(format!("cannot listen on {}: {e}", deployment.server.listen)))?;
-    let deps = Deps::new(&deployment, instance_id.clone(), slots, kpi.clone());
+    let address = match &deployment.cluster.advertise {
+        Some(a) => a.clone(),
+        None => listener.local_addr().map_err(|e| StartError::Other(format!("listener address: {e}")))?.to_string(),
+    };
+    let secret = match &deployment.cluster.secret {
+        Some(s) => s.clone(),
+        None => cluster::secret_of(data).map_err(|e| StartError::Other(format!("cluster key in {}: {e}", data.display())))?,
+    };
+    let cluster = Cluster::join(instance_id.clone(), address, &deployment.cluster, secret, (slots.0.clone(), lease), kpi.clone())
+        .await
+        .map_err(StartError::Other)?;
+    let deps = Deps::new(&deployment, cluster.clone(), slots, kpi.clone());
     let app = Arc::new(App {
         instance_id,
+        cluster: cluster.clone(),
+        peers: crate::server::Peers::default(),
         chats: Chats::new(deps),
         staff,
         limits: deployment.limits.clone(),
         kpi,
         draining: AtomicBool::new(false),
         plugins,
+    });
+    let weak = Arc::downgrade(&app);
+    cluster.keep_renewing(move || {
+        if let Some(app) = weak.upgrade() {
+            app.chats.abandon_all();
+        }
     });
     Ok(Started { app, listener })
 }

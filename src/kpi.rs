@@ -17,6 +17,14 @@ pub struct Kpi {
     pub events_saved: AtomicU64,
     pub save_batches: AtomicU64,
     pub save_failures: AtomicU64,
+    /// Chat saves refused because this instance's lease was not live (self-fencing).
+    pub writes_fenced: AtomicU64,
+    /// Chats this instance dropped because another instance restored them.
+    pub chats_purged: AtomicU64,
+    /// Requests passed on to the instance that owns the chat.
+    pub requests_proxied: AtomicU64,
+    pub lease_renewals: AtomicU64,
+    pub lease_renewal_failures: AtomicU64,
     save_latency: [AtomicU64; SAVE_BUCKETS_US.len() + 1],
     save_latency_sum_us: AtomicU64,
 }
@@ -57,6 +65,11 @@ impl Kpi {
             "events_saved": self.events_saved.load(Relaxed),
             "save_batches": self.save_batches.load(Relaxed),
             "save_failures": self.save_failures.load(Relaxed),
+            "writes_fenced": self.writes_fenced.load(Relaxed),
+            "chats_purged": self.chats_purged.load(Relaxed),
+            "requests_proxied": self.requests_proxied.load(Relaxed),
+            "lease_renewals": self.lease_renewals.load(Relaxed),
+            "lease_renewal_failures": self.lease_renewal_failures.load(Relaxed),
         })
     }
 
@@ -70,6 +83,11 @@ impl Kpi {
             ("parley_messages_saved_total", "Messages durably saved before their ack.", self.messages_saved.load(Relaxed) as i64),
             ("parley_events_saved_total", "Transcript events saved.", self.events_saved.load(Relaxed) as i64),
             ("parley_save_failures_total", "Chat saves that failed.", self.save_failures.load(Relaxed) as i64),
+            ("parley_writes_fenced_total", "Chat saves refused because this instance's lease was not live.", self.writes_fenced.load(Relaxed) as i64),
+            ("parley_chats_purged_total", "Chats dropped here because another instance restored them.", self.chats_purged.load(Relaxed) as i64),
+            ("parley_requests_proxied_total", "Requests passed on to the owning instance.", self.requests_proxied.load(Relaxed) as i64),
+            ("parley_lease_renewals_total", "Lease renewals that succeeded.", self.lease_renewals.load(Relaxed) as i64),
+            ("parley_lease_renewal_failures_total", "Lease renewals that failed.", self.lease_renewal_failures.load(Relaxed) as i64),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{instance=\"{instance}\"}} {value}");

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod bench;
 pub mod chat;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod instance;
 pub mod kpi;

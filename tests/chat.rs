@@ -265,7 +265,10 @@ async fn a_wave_of_chats_restores_at_once_after_kill_9() {
         async move {
             let t = customer.transcript().await;
             assert_eq!(messages(&t), vec![(3, format!("hello from {i}"))]);
-            assert_eq!(customer.send("back", "m2").await.body["seq"], 5, "after `reconnected` (4)");
+            // The new process has a new instance id: `moved` (4) names it, then `reconnected` (5).
+            assert_eq!(customer.send("back", "m2").await.body["seq"], 6);
+            let t = customer.transcript().await;
+            assert_eq!(kinds(&t)[3..], ["moved", "reconnected", "message"]);
         }
     });
     futures_util::future::join_all(restores).await;

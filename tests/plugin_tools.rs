@@ -16,7 +16,7 @@ fn inspect_names_world_version_exports_and_grants() {
     let (code, out, _) = inspect(&format!("{PLUGIN_DIR}/sqlite_store.wasm"));
     assert_eq!(code, 0);
     assert!(out.contains("world:   transcript-store (parley:plugin@0.1.0)"), "{out}");
-    assert!(out.contains("parley:plugin/store@0.1.0: init, save, claim, load, save-final, purge"), "{out}");
+    assert!(out.contains("parley:plugin/store@0.1.0: init, save, renew-lease, release-lease, locate, claim, load, save-final, purge"), "{out}");
     assert!(out.contains("parley:plugin/sql@0.1.0  (needs grant \"sql\")"), "{out}");
 
     let (code, out, _) = inspect(&format!("{PLUGIN_DIR}/default_notices.wasm"));

@@ -32,6 +32,8 @@ pub enum Kind {
     Typing,
     Notice,
     Closed,
+    /// The chat was restored on another instance; `text` names it.
+    Moved,
 }
 
 #[derive(Serialize)]
@@ -100,6 +102,7 @@ impl Event {
                 Kind::Reconnected => EventKind::Reconnected,
                 Kind::Notice => EventKind::Notice,
                 Kind::Closed => EventKind::Closed,
+                Kind::Moved => EventKind::Moved,
             },
             participant_id: self.participant_id.to_string(),
             nickname: self.nickname.to_string(),
@@ -117,6 +120,7 @@ impl Event {
             EventKind::Reconnected => Kind::Reconnected,
             EventKind::Notice => Kind::Notice,
             EventKind::Closed => Kind::Closed,
+            EventKind::Moved => Kind::Moved,
         };
         Self::new(e.seq, kind, e.participant_id.into(), e.nickname.into(), e.text, e.client_msg_id, e.at_ms)
     }

@@ -6,9 +6,11 @@ pub mod event;
 mod session;
 
 use crate::auth::{self, TokenHash};
-use crate::config::{Deployment, RestoreMode};
+use crate::cluster::{Cluster, Peer};
+use crate::config::{Deployment, Initiator, RestoreMode};
 use crate::kpi::Kpi;
 use crate::plugins::bindings::notices::Audience;
+use crate::plugins::bindings::store::ClaimOutcome;
 use crate::plugins::bindings::types::ChatState;
 use crate::plugins::slots::{NoticeSink, NoticeSlot, PolicySlot, StorageError, StoreSlot};
 pub use event::{Event, Kind};
@@ -34,10 +36,14 @@ pub enum ChatError {
     Closed,
     #[error("the message was not saved: {0}")]
     NotSaved(String),
-    #[error("the chat moved to another instance")]
+    #[error("the chat moved to another instance; send the request again")]
     Moved,
-    #[error("session restoration is disabled on this instance")]
+    #[error("the chat's instance is gone and session restoration is disabled (restore.mode = \"none\")")]
     RestoreDisabled,
+    #[error("the chat's instance is gone and a {0} may not restore it (restore.allowed_initiators)")]
+    RestoreNotAllowed(&'static str),
+    #[error("this token does not belong to a participant of this chat")]
+    Forbidden,
     #[error("storage is unavailable: {0}")]
     Storage(String),
 }
@@ -105,6 +111,9 @@ pub struct ChatShared {
     committed: watch::Sender<u64>,
     /// Events outside the transcript: typing and notices.
     live: broadcast::Sender<Arc<Event>>,
+    /// Set when this instance dropped the chat because another one restored it; readers
+    /// waiting here must ask again (their next request reaches the new owner).
+    moved: watch::Sender<bool>,
 }
 
 impl ChatShared {
@@ -116,6 +125,7 @@ impl ChatShared {
             roster: RwLock::new(roster),
             committed: watch::Sender::new(last),
             live: broadcast::Sender::new(256),
+            moved: watch::Sender::new(false),
         })
     }
 
@@ -154,6 +164,14 @@ impl ChatShared {
         self.live.subscribe()
     }
 
+    pub fn watch_moved(&self) -> watch::Receiver<bool> {
+        self.moved.subscribe()
+    }
+
+    pub fn has_moved(&self) -> bool {
+        *self.moved.borrow()
+    }
+
     /// Broadcasts a typing indicator; it is not part of the transcript.
     pub fn typing(&self, member: &Member, typing: bool) {
         let _ = self.live.send(Event::typing(member.id.clone(), member.nickname.clone(), typing));
@@ -189,6 +207,8 @@ enum Command {
     Reconnect { member: Arc<str> },
     Leave { member: Arc<str>, reply: oneshot::Sender<Result<u64, ChatError>> },
     Close { reason: String, reply: oneshot::Sender<Result<u64, ChatError>> },
+    /// This instance lost its lease: drop the chat without writing anything more.
+    Abandon,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -246,6 +266,7 @@ impl ChatHandle {
 /// What every chat task needs from its instance.
 pub struct Deps {
     pub instance_id: Arc<str>,
+    pub cluster: Arc<Cluster>,
     pub intermediate: StoreSlot,
     pub final_store: StoreSlot,
     pub policy: PolicySlot,
@@ -253,14 +274,17 @@ pub struct Deps {
     pub kpi: Arc<Kpi>,
     pub auto_save: u8,
     pub restore_mode: RestoreMode,
+    pub allowed_initiators: Vec<Initiator>,
+    pub purge_old_owner: bool,
     pub linger: Duration,
 }
 
 impl Deps {
-    pub fn new(deployment: &Deployment, instance_id: Arc<str>, slots: (StoreSlot, StoreSlot, PolicySlot, NoticeSlot), kpi: Arc<Kpi>) -> Self {
+    pub fn new(deployment: &Deployment, cluster: Arc<Cluster>, slots: (StoreSlot, StoreSlot, PolicySlot, NoticeSlot), kpi: Arc<Kpi>) -> Self {
         let (intermediate, final_store, policy, notices) = slots;
         Deps {
-            instance_id,
+            instance_id: cluster.instance_id.clone(),
+            cluster,
             intermediate,
             final_store,
             policy,
@@ -268,6 +292,8 @@ impl Deps {
             kpi,
             auto_save: deployment.transcript.auto_save,
             restore_mode: deployment.restore.mode,
+            allowed_initiators: deployment.restore.allowed_initiators.clone(),
+            purge_old_owner: deployment.restore.purge_old_owner,
             linger: Duration::from_millis(deployment.limits.closed_chat_linger_ms),
         }
     }
@@ -312,37 +338,110 @@ impl Chats {
         Ok(created)
     }
 
-    /// The chat with this id: live here, or restored from storage.
-    pub async fn find(&self, chat_id: &str) -> Result<ChatHandle, ChatError> {
-        if let Some(h) = self.map.read().unwrap().get(chat_id) {
-            return Ok(h.clone());
+    /// Where the chat with this id is served: here (live, or restored from storage now), or
+    /// by the instance that owns it and holds a live lease. `forwarded`: the request was
+    /// passed on by another instance, so it is not passed on again.
+    pub async fn locate(&self, chat_id: &str, requester: &Requester, forwarded: bool) -> Result<Whereabouts, ChatError> {
+        if let Some(h) = self.local(chat_id) {
+            return Ok(Whereabouts::Here(h));
         }
         // Requests racing for the same stored chat restore it once; other chats restore in parallel.
         let gate = self.restoring.lock().unwrap().entry(chat_id.into()).or_default().clone();
-        let _restoring_this_chat = gate.lock().await;
-        let result = self.restore(chat_id).await;
+        let result = {
+            let _restoring_this_chat = gate.lock().await;
+            self.locate_or_restore(chat_id, requester, forwarded).await
+        };
         self.restoring.lock().unwrap().remove(chat_id);
         result
     }
 
-    async fn restore(&self, chat_id: &str) -> Result<ChatHandle, ChatError> {
-        if let Some(h) = self.map.read().unwrap().get(chat_id) {
-            return Ok(h.clone());
+    fn local(&self, chat_id: &str) -> Option<ChatHandle> {
+        self.map.read().unwrap().get(chat_id).cloned()
+    }
+
+    async fn locate_or_restore(&self, chat_id: &str, requester: &Requester, forwarded: bool) -> Result<Whereabouts, ChatError> {
+        let deps = &self.deps;
+        // Each pass either ends or saw another instance's claim win the race: a few suffice.
+        for _ in 0..4 {
+            if let Some(h) = self.local(chat_id) {
+                return Ok(Whereabouts::Here(h));
+            }
+            let Some(location) = deps.intermediate.locate(chat_id).await.map_err(storage)? else {
+                // Not open: closed (its final transcript is served read-only) or never existed.
+                let closed = deps.final_store.load(chat_id).await.map_err(storage)?;
+                let t = closed.ok_or_else(|| ChatError::NotFound(chat_id.to_string()))?;
+                self.may_read(&t.meta, requester)?;
+                return Ok(Whereabouts::Here(self.keep(session::read_only(deps.clone(), self.map.clone(), t)?)));
+            };
+            let me = &*deps.instance_id;
+            if location.owner != me
+                && let Some(peer) = deps.cluster.peer(&location.owner).filter(Peer::is_live)
+            {
+                return if forwarded { Err(ChatError::Moved) } else { Ok(Whereabouts::Owner(peer)) };
+            }
+            // This instance owns it (a restart), or the owner's lease ran out: restore it here.
+            let Some(stored) = deps.intermediate.load(chat_id).await.map_err(storage)? else { continue };
+            if stored.state == ChatState::Closed {
+                self.may_read(&stored.meta, requester)?;
+                return Ok(Whereabouts::Here(self.keep(session::read_only(deps.clone(), self.map.clone(), stored)?)));
+            }
+            if deps.restore_mode == RestoreMode::None {
+                return Err(ChatError::RestoreDisabled);
+            }
+            let initiator = self.may_read(&stored.meta, requester)?;
+            if !deps.allowed_initiators.contains(&initiator) {
+                return Err(ChatError::RestoreNotAllowed(initiator_name(initiator)));
+            }
+            match deps.intermediate.claim(chat_id, me, location.epoch, event::now_ms()).await.map_err(storage)? {
+                ClaimOutcome::Claimed(epoch) => {
+                    // Loaded again after the claim: from here on the old owner cannot add to it.
+                    let t = deps.intermediate.load(chat_id).await.map_err(storage)?.ok_or_else(|| ChatError::NotFound(chat_id.to_string()))?;
+                    let handle = session::restore(deps.clone(), self.map.clone(), t, epoch, &location.owner)?;
+                    return Ok(Whereabouts::Here(self.keep(handle)));
+                }
+                ClaimOutcome::OwnerAlive(expires_ms) => {
+                    deps.cluster.saw_lease(&location.owner, expires_ms);
+                    match deps.cluster.peer(&location.owner) {
+                        Some(peer) if !forwarded => return Ok(Whereabouts::Owner(peer)),
+                        _ => return Err(ChatError::Moved),
+                    }
+                }
+                ClaimOutcome::EpochMoved(_) => continue,
+            }
         }
-        let stored = self.deps.intermediate.load(chat_id).await.map_err(storage)?;
-        let stored = match stored {
-            Some(t) => Some(t),
-            None => self.deps.final_store.load(chat_id).await.map_err(storage)?,
-        };
-        let Some(transcript) = stored else {
-            return Err(ChatError::NotFound(chat_id.to_string()));
-        };
-        if transcript.state != ChatState::Closed && self.deps.restore_mode == RestoreMode::None {
-            return Err(ChatError::RestoreDisabled);
-        }
-        let handle = session::restore(self.deps.clone(), self.map.clone(), transcript).await?;
+        Err(ChatError::Moved)
+    }
+
+    fn keep(&self, handle: ChatHandle) -> ChatHandle {
         self.map.write().unwrap().insert(handle.shared.id.clone(), handle.clone());
-        Ok(handle)
+        handle
+    }
+
+    /// Who the requester is to a stored chat; a token of no participant of it is refused.
+    fn may_read(&self, meta: &str, requester: &Requester) -> Result<Initiator, ChatError> {
+        match requester {
+            Requester::Agent => Ok(Initiator::Agent),
+            Requester::Workflow => Ok(Initiator::Workflow),
+            Requester::Participant(token) => {
+                let meta: Meta = serde_json::from_str(meta).map_err(|e| ChatError::Storage(format!("stored chat metadata is unreadable: {e}")))?;
+                let h = auth::hash(token);
+                let p = meta.participants.iter().find(|p| auth::same(&p.token_sha256, &h)).ok_or(ChatError::Forbidden)?;
+                Ok(if p.role == Role::Agent { Initiator::Agent } else { Initiator::Customer })
+            }
+        }
+    }
+
+    /// Drops every chat at once, writing nothing more: this instance lost its lease, so
+    /// others may have restored them. Each comes back through a restore when asked for.
+    pub fn abandon_all(&self) {
+        let handles: Vec<ChatHandle> = self.map.write().unwrap().drain().map(|(_, h)| h).collect();
+        for h in handles {
+            h.shared.moved.send_replace(true);
+            if let Err(tokio::sync::mpsc::error::TrySendError::Full(c)) = h.commands.try_send(Command::Abandon) {
+                let commands = h.commands.clone();
+                tokio::spawn(async move { commands.send(c).await });
+            }
+        }
     }
 
     /// Chats on this instance still waiting for an agent, oldest first.
@@ -362,6 +461,31 @@ impl Chats {
             .collect();
         waiting.sort_by_key(|w| w.waiting_since);
         waiting
+    }
+}
+
+/// Who asks for a chat, as far as restores are concerned.
+pub enum Requester {
+    /// A participant's bearer token (customer or agent of that chat).
+    Participant(String),
+    /// An agent joining with a staff token.
+    Agent,
+    /// The workflow, with an admin token.
+    Workflow,
+}
+
+/// Where a chat is served.
+pub enum Whereabouts {
+    Here(ChatHandle),
+    /// By this instance, which owns it and holds a live lease.
+    Owner(Peer),
+}
+
+fn initiator_name(i: Initiator) -> &'static str {
+    match i {
+        Initiator::Customer => "customer",
+        Initiator::Agent => "agent",
+        Initiator::Workflow => "workflow",
     }
 }
 

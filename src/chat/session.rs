@@ -63,6 +63,9 @@ struct Session {
     /// Closers waiting for the final transcript to be stored.
     closing: Vec<oneshot::Sender<Result<u64, ChatError>>>,
     ended: bool,
+    /// Another instance restored this chat and this one keeps a read-only copy
+    /// (`restore.purge_old_owner = false`): every write is refused.
+    fenced: bool,
 }
 
 /// Starts a new chat's task; the returned receiver resolves when its first save is done.
@@ -76,25 +79,32 @@ pub(super) fn open(deps: Arc<Deps>, map: ChatMap, chat_id: Arc<str>, meta: Meta)
     (session.spawn(), rx)
 }
 
-/// Takes over a stored chat: claims it (its epoch moves on, fencing off any older owner),
-/// and continues its numbering. Closed chats come back read-only.
-pub(super) async fn restore(deps: Arc<Deps>, map: ChatMap, t: Transcript) -> Result<ChatHandle, ChatError> {
-    let meta: Meta = serde_json::from_str(&t.meta).map_err(|e| ChatError::Storage(format!("stored chat metadata is unreadable: {e}")))?;
+/// Serves a closed chat's stored transcript read-only.
+pub(super) fn read_only(deps: Arc<Deps>, map: ChatMap, t: Transcript) -> Result<ChatHandle, ChatError> {
+    let meta = parse_meta(&t.meta)?;
     let events: Vec<Arc<Event>> = t.events.into_iter().map(Event::from_wit).collect();
-    if t.state == ChatState::Closed {
-        let session = Session::new(deps, map, t.chat_id.into(), t.epoch, ChatState::Closed, meta, events, Vec::new());
-        return Ok(session.spawn());
-    }
-    let epoch = deps
-        .intermediate
-        .claim(&t.chat_id, &deps.instance_id, t.epoch)
-        .await
-        .map_err(|e| if e.kind == ErrorKind::StaleEpoch { ChatError::Moved } else { ChatError::Storage(e.message) })?;
+    Ok(Session::new(deps, map, t.chat_id.into(), t.epoch, ChatState::Closed, meta, events, Vec::new()).spawn())
+}
+
+/// Continues a stored chat this instance has just claimed at `epoch` (the store refuses the
+/// old owner's writes from now on): its numbering goes on, participants present before get
+/// `reconnected` when they come back, and everyone learns where the chat lives now.
+pub(super) fn restore(deps: Arc<Deps>, map: ChatMap, t: Transcript, epoch: u64, previous_owner: &str) -> Result<ChatHandle, ChatError> {
+    let meta = parse_meta(&t.meta)?;
+    let events: Vec<Arc<Event>> = t.events.into_iter().map(Event::from_wit).collect();
     let returning: Vec<Arc<str>> = meta.participants.iter().filter(|p| p.present).map(|p| p.id.clone()).collect();
-    let session = Session::new(deps, map, t.chat_id.into(), epoch, t.state, meta, events, returning);
+    let mut session = Session::new(deps, map, t.chat_id.into(), epoch, t.state, meta, events, returning);
     session.deps.kpi.chat_opened(true);
-    info!(event_id = "chat.restored", chat_id = %session.shared.id, epoch, "chat restored from storage");
+    info!(event_id = "chat.restored", chat_id = %session.shared.id, epoch, previous_owner, "chat restored from storage");
+    if previous_owner != &*session.deps.instance_id {
+        let here = session.deps.instance_id.to_string();
+        session.append(Kind::Moved, &"".into(), &"".into(), here, None, None);
+    }
     Ok(session.spawn())
+}
+
+fn parse_meta(meta: &str) -> Result<Meta, ChatError> {
+    serde_json::from_str(meta).map_err(|e| ChatError::Storage(format!("stored chat metadata is unreadable: {e}")))
 }
 
 impl Session {
@@ -130,6 +140,7 @@ impl Session {
             retry_at: None,
             closing: Vec::new(),
             ended: false,
+            fenced: false,
         };
         s.shared.set_roster(s.roster());
         s
@@ -169,7 +180,7 @@ impl Session {
         loop {
             let retry_at = self.retry_at;
             // A closed chat with nothing left to save stays a while for late readers, then ends.
-            let lingering = self.state == ChatState::Closed && self.unsaved.is_empty() && self.closing.is_empty();
+            let lingering = (self.fenced || self.state == ChatState::Closed) && self.unsaved.is_empty() && self.closing.is_empty();
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(c) => self.handle(c),
@@ -190,11 +201,22 @@ impl Session {
                 break;
             }
         }
-        self.map.write().unwrap().remove(&self.shared.id);
+        // Only this task's own entry: after a lapse the chat may have been restored here anew.
+        let mut map = self.map.write().unwrap();
+        if map.get(&self.shared.id).is_some_and(|h| Arc::ptr_eq(&h.shared, &self.shared)) {
+            map.remove(&self.shared.id);
+        }
     }
 
     fn handle(&mut self, command: Command) {
         let open = self.state != ChatState::Closed;
+        if self.fenced {
+            return match command {
+                Command::Post { reply, .. } | Command::Leave { reply, .. } | Command::Close { reply, .. } => drop(reply.send(Err(ChatError::Moved))),
+                Command::Join { reply, .. } => drop(reply.send(Err(ChatError::Moved))),
+                Command::Reconnect { .. } | Command::Abandon => {}
+            };
+        }
         match command {
             Command::Post { member, text, client_msg_id, reply } => {
                 if let Some(id) = &client_msg_id
@@ -254,6 +276,18 @@ impl Session {
                     return drop(reply.send(Ok(self.shared.last_seq())));
                 }
                 self.begin_close(reason, Some(reply));
+            }
+            Command::Abandon => {
+                // Whatever was in flight may or may not be stored: its senders get no ack
+                // and resend with their client_msg_id to the new owner, which knows the seq.
+                self.unsaved.clear();
+                for closer in self.closing.drain(..) {
+                    let _ = closer.send(Err(ChatError::Moved));
+                }
+                self.deps.kpi.chat_ended(false);
+                self.deps.kpi.chats_purged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.shared.moved.send_replace(true);
+                self.ended = true;
             }
         }
     }
@@ -344,11 +378,19 @@ impl Session {
         self.meta_dirty |= self.meta_in_flight;
         self.deps.kpi.save_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if e.kind == ErrorKind::StaleEpoch {
-            // Another instance restored this chat: it is theirs now, and our unsaved events never were.
-            warn!(event_id = "chat.fenced", chat_id = %self.shared.id, epoch = self.epoch, "save refused: another instance owns this chat; dropping it");
+            // Another instance restored this chat (or may have: this instance's lease is not
+            // live). It is theirs now, and our unsaved events never were.
             self.fail_unsaved(ChatError::Moved);
             self.deps.kpi.chat_ended(false);
-            self.ended = true;
+            self.shared.moved.send_replace(true);
+            if self.deps.purge_old_owner {
+                warn!(event_id = "chat.purged", chat_id = %self.shared.id, epoch = self.epoch, cause = %e, "save refused: another instance owns this chat; dropping it");
+                self.deps.kpi.chats_purged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.ended = true;
+            } else {
+                warn!(event_id = "chat.fenced", chat_id = %self.shared.id, epoch = self.epoch, cause = %e, "save refused: another instance owns this chat; keeping a read-only copy");
+                self.fenced = true;
+            }
             return;
         }
         self.attempt += 1;

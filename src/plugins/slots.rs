@@ -5,9 +5,11 @@
 
 use super::bindings::notices::{Audience, Notice};
 use super::bindings::policy::{Decision, ErrorKind, SaveFailure};
+use super::bindings::store::{ClaimOutcome, Location, Member};
 use super::bindings::types::{ChatDelta, StoreError, Transcript};
 use super::bindings::{NoticeHandler, SaveErrorPolicy, TranscriptStore};
 use super::{Instance, PluginFault};
+use crate::cluster::Lease;
 use crate::kpi::Kpi;
 use std::collections::HashMap;
 use std::future::Future;
@@ -59,8 +61,11 @@ type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
 
 enum StoreJob {
     Save(ChatDelta, Reply<()>),
-    Claim { chat_id: String, owner: String, expected_epoch: u64, reply: Reply<u64> },
+    Claim { chat_id: String, owner: String, expected_epoch: u64, now_ms: u64, reply: Reply<ClaimOutcome> },
     Load(String, Reply<Option<Transcript>>),
+    Locate(String, Reply<Option<Location>>),
+    RenewLease { instance_id: String, incarnation: String, address: String, now_ms: u64, ttl_ms: u64, reply: Reply<Vec<Member>> },
+    ReleaseLease { instance_id: String, incarnation: String, reply: Reply<()> },
     SaveFinal(Transcript, Reply<()>),
     Purge(String, Reply<()>),
     /// A reloaded plugin: used for every call after the ones already taken.
@@ -74,10 +79,12 @@ pub struct StoreSlot {
 }
 
 impl StoreSlot {
-    pub fn spawn(instance: Instance<TranscriptStore>, max_batch: usize, kpi: Arc<Kpi>) -> Self {
+    /// `fence`: saves are refused while this instance's lease is not known to be live, so a
+    /// stalled or cut-off instance stops writing before another one may take its chats.
+    pub fn spawn(instance: Instance<TranscriptStore>, max_batch: usize, kpi: Arc<Kpi>, fence: Option<Arc<Lease>>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let name = format!("parley-{}", instance.plugin.slot.name());
-        spawn_worker(name, move || run_store(instance, rx, max_batch, kpi));
+        spawn_worker(name, move || run_store(instance, rx, max_batch, kpi, fence));
         Self { jobs: tx }
     }
 
@@ -97,11 +104,28 @@ impl StoreSlot {
         }
         rx
     }
-    pub async fn claim(&self, chat_id: &str, owner: &str, expected_epoch: u64) -> Result<u64, StorageError> {
-        self.ask(|reply| StoreJob::Claim { chat_id: chat_id.into(), owner: owner.into(), expected_epoch, reply }).await
+    pub async fn claim(&self, chat_id: &str, owner: &str, expected_epoch: u64, now_ms: u64) -> Result<ClaimOutcome, StorageError> {
+        self.ask(|reply| StoreJob::Claim { chat_id: chat_id.into(), owner: owner.into(), expected_epoch, now_ms, reply }).await
     }
     pub async fn load(&self, chat_id: &str) -> Result<Option<Transcript>, StorageError> {
         self.ask(|r| StoreJob::Load(chat_id.into(), r)).await
+    }
+    pub async fn locate(&self, chat_id: &str) -> Result<Option<Location>, StorageError> {
+        self.ask(|r| StoreJob::Locate(chat_id.into(), r)).await
+    }
+    pub async fn renew_lease(&self, instance_id: &str, incarnation: &str, address: &str, now_ms: u64, ttl_ms: u64) -> Result<Vec<Member>, StorageError> {
+        self.ask(|reply| StoreJob::RenewLease {
+            instance_id: instance_id.into(),
+            incarnation: incarnation.into(),
+            address: address.into(),
+            now_ms,
+            ttl_ms,
+            reply,
+        })
+        .await
+    }
+    pub async fn release_lease(&self, instance_id: &str, incarnation: &str) -> Result<(), StorageError> {
+        self.ask(|reply| StoreJob::ReleaseLease { instance_id: instance_id.into(), incarnation: incarnation.into(), reply }).await
     }
     pub async fn save_final(&self, transcript: Transcript) -> Result<(), StorageError> {
         self.ask(|r| StoreJob::SaveFinal(transcript, r)).await
@@ -114,7 +138,7 @@ impl StoreSlot {
     }
 }
 
-async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::UnboundedReceiver<StoreJob>, max_batch: usize, kpi: Arc<Kpi>) {
+async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::UnboundedReceiver<StoreJob>, max_batch: usize, kpi: Arc<Kpi>, fence: Option<Arc<Lease>>) {
     let mut jobs = Vec::with_capacity(max_batch);
     let mut deltas = Vec::with_capacity(max_batch);
     let mut replies = Vec::with_capacity(max_batch);
@@ -122,6 +146,8 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
         // Saves, and loads (a wave of restores), queued together go in one call each.
         let mut load_ids = Vec::new();
         let mut load_replies = Vec::new();
+        let mut locate_ids = Vec::new();
+        let mut locate_replies = Vec::new();
         let mut others = Vec::new();
         for job in jobs.drain(..) {
             match job {
@@ -133,8 +159,19 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
                     load_ids.push(id);
                     load_replies.push(reply);
                 }
+                StoreJob::Locate(id, reply) => {
+                    locate_ids.push(id);
+                    locate_replies.push(reply);
+                }
                 other => others.push(other),
             }
+        }
+        if !deltas.is_empty() && fence.as_ref().is_some_and(|lease| !lease.is_live()) {
+            // Self-fencing: past the point where this instance knows its lease to be live,
+            // another instance may already be restoring these chats. Write nothing.
+            kpi.writes_fenced.fetch_add(deltas.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            let refused = StoreError::StaleEpoch("this instance's lease is not live; it does not write".into());
+            answer("save", replies.drain(..), Ok(deltas.drain(..).map(|_| Err(refused.clone())).collect()));
         }
         if !deltas.is_empty() {
             let started = Instant::now();
@@ -157,11 +194,25 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
             let result = instance.call(async |b, s| b.parley_plugin_store().call_load(s, &load_ids).await).await;
             answer("load", load_replies, result);
         }
+        if !locate_ids.is_empty() {
+            let result = instance.call(async |b, s| b.parley_plugin_store().call_locate(s, &locate_ids).await).await;
+            answer("locate", locate_replies, result);
+        }
         for job in others {
             match job {
-                StoreJob::Save(..) | StoreJob::Load(..) => unreachable!("sorted into their batches above"),
-                StoreJob::Claim { chat_id, owner, expected_epoch, reply } => {
-                    let r = instance.call(async |b, s| b.parley_plugin_store().call_claim(s, &chat_id, &owner, expected_epoch).await).await;
+                StoreJob::Save(..) | StoreJob::Load(..) | StoreJob::Locate(..) => unreachable!("sorted into their batches above"),
+                StoreJob::Claim { chat_id, owner, expected_epoch, now_ms, reply } => {
+                    let r = instance.call(async |b, s| b.parley_plugin_store().call_claim(s, &chat_id, &owner, expected_epoch, now_ms).await).await;
+                    let _ = reply.send(flatten(r));
+                }
+                StoreJob::RenewLease { instance_id, incarnation, address, now_ms, ttl_ms, reply } => {
+                    let r = instance
+                        .call(async |b, s| b.parley_plugin_store().call_renew_lease(s, &instance_id, &incarnation, &address, now_ms, ttl_ms).await)
+                        .await;
+                    let _ = reply.send(flatten(r));
+                }
+                StoreJob::ReleaseLease { instance_id, incarnation, reply } => {
+                    let r = instance.call(async |b, s| b.parley_plugin_store().call_release_lease(s, &instance_id, &incarnation).await).await;
                     let _ = reply.send(flatten(r));
                 }
                 StoreJob::SaveFinal(transcript, reply) => {

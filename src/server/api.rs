@@ -1,10 +1,11 @@
 //! The public HTTP API v1 (see openapi.json at the top of the repository): routing, input
 //! checks that turn bad input into a 4xx JSON error naming the problem, and the handlers.
 
-use super::{App, ws};
-use crate::chat::{ChatError, ChatHandle, Event, Member, Role};
+use super::{App, proxy, ws};
+use crate::chat::{ChatError, ChatHandle, Event, Member, Requester, Role, Whereabouts};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use std::time::Instant;
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -15,6 +16,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 pub type Body = Full<Bytes>;
+/// A request whose body was read (size-limited) before routing, so it can be passed on to
+/// another instance and still be served here if that instance turns out to be gone.
+pub type Req = Request<Bytes>;
 
 /// An error as clients see it: `{"error": {"code", "message"}}` with a status.
 #[derive(Debug)]
@@ -36,8 +40,12 @@ impl From<ChatError> for ApiError {
             ChatError::NotFound(_) => (StatusCode::NOT_FOUND, "chat_not_found"),
             ChatError::Closed => (StatusCode::CONFLICT, "chat_closed"),
             ChatError::NotSaved(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_saved"),
-            ChatError::Moved => (StatusCode::CONFLICT, "chat_moved"),
-            ChatError::RestoreDisabled => (StatusCode::SERVICE_UNAVAILABLE, "restore_disabled"),
+            // Retrying reaches the chat where it lives now.
+            ChatError::Moved => (StatusCode::SERVICE_UNAVAILABLE, "chat_moved"),
+            // The chat will not come back: its instance is gone and restores are off.
+            ChatError::RestoreDisabled => (StatusCode::GONE, "restore_disabled"),
+            ChatError::RestoreNotAllowed(_) => (StatusCode::SERVICE_UNAVAILABLE, "restore_not_allowed"),
+            ChatError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             ChatError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
         };
         ApiError::new(status, code, e.to_string())
@@ -47,46 +55,131 @@ impl From<ChatError> for ApiError {
 type Reply = Result<Response<Body>, ApiError>;
 
 pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    let path = req.uri().path().to_string();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let method = req.method().clone();
-    let result = match (&method, segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-        (&Method::GET, ["readyz"]) => readyz(&app),
-        (&Method::GET, ["openapi.json"]) => Ok(respond(StatusCode::OK, "application/json", OPENAPI)),
-        (&Method::GET, ["v1", "kpi"]) => json(StatusCode::OK, app.kpi.to_json()),
-        (&Method::GET, ["metrics"]) => Ok(respond(StatusCode::OK, "text/plain; version=0.0.4", app.kpi.to_prometheus(&app.instance_id))),
-        (&Method::POST, ["admin", "drain"]) => set_draining(&app, &req, true),
-        (&Method::POST, ["admin", "undrain"]) => set_draining(&app, &req, false),
-        (&Method::POST, ["admin", "reload"]) => reload(&app, &req).await,
-        (&Method::GET, ["v1", "queue"]) => queue(&app, &req),
-        (&Method::POST, ["v1", "chats"]) => create_chat(&app, req).await,
-        (_, ["v1", "chats", chat_id, action]) => {
-            let chat_id = chat_id.to_string();
-            match (&method, *action) {
-                (&Method::POST, "messages") => post_message(&app, &chat_id, req).await,
-                (&Method::POST, "typing") => typing(&app, &chat_id, req).await,
-                (&Method::GET, "events") => events(&app, &chat_id, req).await,
-                (&Method::GET, "ws") => ws::upgrade(&app, &chat_id, req).await,
-                (&Method::GET, "transcript") => transcript(&app, &chat_id, req).await,
-                (&Method::POST, "leave") => leave(&app, &chat_id, req).await,
-                (&Method::POST, "join") => join(&app, &chat_id, req).await,
-                (&Method::POST, "close") => close(&app, &chat_id, req).await,
-                (&Method::POST, "stop") => stop(&app, &chat_id, req).await,
-                (_, "messages" | "typing" | "events" | "ws" | "transcript" | "leave" | "join" | "close" | "stop") => Err(wrong_method(&method)),
-                _ => Err(not_found(&path)),
-            }
-        }
-        (_, ["healthz" | "readyz" | "openapi.json" | "metrics"] | ["v1", "kpi" | "queue" | "chats"] | ["admin", "drain" | "undrain" | "reload"]) => {
-            Err(wrong_method(&method))
-        }
-        _ => Err(not_found(&path)),
-    };
-    let mut response = result.unwrap_or_else(|e| error_response(&e));
-    if let Ok(v) = HeaderValue::from_str(&app.instance_id) {
+    let mut response = handle(&app, req).await.unwrap_or_else(|e| error_response(&e));
+    // A response passed on from a chat's owner keeps the owner's name: it served the chat.
+    if !response.headers().contains_key("parley-instance")
+        && let Ok(v) = HeaderValue::from_str(&app.instance_id)
+    {
         response.headers_mut().insert("parley-instance", v);
     }
     response
+}
+
+async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Reply {
+    let (parts, body) = req.into_parts();
+    let limit = app.limits.max_body_bytes;
+    let body = Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the request body exceeds {limit} bytes")))?
+        .to_bytes();
+    let req = Request::from_parts(parts, body);
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        (&Method::GET, ["readyz"]) => readyz(app),
+        (&Method::GET, ["openapi.json"]) => Ok(respond(StatusCode::OK, "application/json", OPENAPI)),
+        (&Method::GET, ["v1", "kpi"]) => json(StatusCode::OK, app.kpi.to_json()),
+        (&Method::GET, ["v1", "cluster"]) => cluster(app, &req),
+        (&Method::GET, ["metrics"]) => Ok(respond(StatusCode::OK, "text/plain; version=0.0.4", app.kpi.to_prometheus(&app.instance_id))),
+        (&Method::POST, ["admin", "drain"]) => set_draining(app, &req, true),
+        (&Method::POST, ["admin", "undrain"]) => set_draining(app, &req, false),
+        (&Method::POST, ["admin", "reload"]) => reload(app, &req).await,
+        (&Method::GET, ["v1", "queue"]) => queue(app, &req),
+        (&Method::POST, ["v1", "chats"]) => create_chat(app, &req).await,
+        (_, ["v1", "chats", chat_id, action]) => {
+            let (chat_id, action) = (chat_id.to_string(), action.to_string());
+            chat_request(app, &chat_id, &action, req).await
+        }
+        (_, ["healthz" | "readyz" | "openapi.json" | "metrics"] | ["v1", "kpi" | "queue" | "chats" | "cluster"] | ["admin", "drain" | "undrain" | "reload"]) => {
+            Err(wrong_method(&method))
+        }
+        _ => Err(not_found(&path)),
+    }
+}
+
+/// A request about one chat: served here if the chat lives here (or is restored here now),
+/// otherwise passed on to its owner. If the owner cannot be reached, the request waits for
+/// the owner's lease to run out and the chat is restored here (ARCHITECTURE.md guarantee 4).
+async fn chat_request(app: &Arc<App>, chat_id: &str, action: &str, req: Req) -> Reply {
+    match (req.method(), action) {
+        (&Method::GET, "events" | "ws" | "transcript") | (&Method::POST, "messages" | "typing" | "leave" | "join" | "close" | "stop") => {}
+        (_, "messages" | "typing" | "events" | "ws" | "transcript" | "leave" | "join" | "close" | "stop") => return Err(wrong_method(req.method())),
+        _ => return Err(not_found(req.uri().path())),
+    }
+    check_id(chat_id)?;
+    let requester = match action {
+        "join" => {
+            require_agent(app, &req)?;
+            Requester::Agent
+        }
+        "stop" => {
+            require_admin(app, &req)?;
+            Requester::Workflow
+        }
+        // Browsers cannot set headers on a WebSocket: the token may come as ?token=.
+        "ws" => Requester::Participant(
+            bearer(&req).map(str::to_owned).or_else(|| query_pairs(&req).into_iter().find(|(k, _)| k == "token").map(|(_, v)| v)).ok_or_else(unauthorized)?,
+        ),
+        _ => Requester::Participant(require_token(&req)?.to_owned()),
+    };
+    let forwarded = req.headers().contains_key(proxy::FORWARDED_BY)
+        && req.headers().get(proxy::CLUSTER_KEY).and_then(|v| v.to_str().ok()).is_some_and(|k| app.cluster.is_member_secret(k));
+    let deadline = Instant::now() + app.cluster.failover_wait();
+    loop {
+        let owner = match app.chats.locate(chat_id, &requester, forwarded).await? {
+            Whereabouts::Here(chat) => return serve(app, chat, &requester, action, req).await,
+            Whereabouts::Owner(owner) => owner,
+        };
+        if action == "ws" {
+            return proxy::websocket(app, &owner, req).await.map_err(|problem| owner_unreachable(&owner.instance_id, &problem));
+        }
+        let answer = tokio::select! {
+            r = proxy::forward(app, &owner, &req) => r,
+            _ = app.cluster.lease_ran_out(&owner.instance_id) => Err("its lease ran out".to_string()),
+        };
+        let problem = match answer {
+            Ok(response) => return Ok(response),
+            Err(problem) => problem,
+        };
+        tracing::debug!(chat_id, owner = %owner.instance_id, %problem, "the chat's owner did not answer");
+        if Instant::now() >= deadline {
+            return Err(owner_unreachable(&owner.instance_id, &problem));
+        }
+        // Ask again once the owner's lease ran out (the chat is restored here then), or after
+        // a renewal period (the owner may have answered a transient error).
+        tokio::select! {
+            _ = app.cluster.lease_ran_out(&owner.instance_id) => {}
+            _ = tokio::time::sleep(app.cluster.renew_period()) => {}
+        }
+    }
+}
+
+fn owner_unreachable(owner: &str, problem: &str) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "owner_unreachable", format!("the chat's instance {owner} did not answer ({problem}); try again"))
+}
+
+/// Runs a chat request on the chat's task here.
+async fn serve(app: &Arc<App>, chat: ChatHandle, requester: &Requester, action: &str, req: Req) -> Reply {
+    let token = match requester {
+        Requester::Agent => return join(app, &chat, &req).await,
+        Requester::Workflow => return stop(&chat, &req).await,
+        Requester::Participant(token) => token,
+    };
+    let member = chat.shared.authenticate(token).ok_or_else(|| forbidden("this token does not belong to a participant of this chat"))?;
+    chat.touch(&member).await;
+    match action {
+        "messages" => post_message(app, &chat, &member, &req).await,
+        "typing" => typing(&chat, &member, &req),
+        "events" => events(&chat, &member, &req).await,
+        "ws" => ws::upgrade(chat, member, req),
+        "transcript" => transcript(&chat, &member),
+        "leave" => leave(&chat, &member).await,
+        "close" => close(&chat, &member, &req).await,
+        _ => Err(not_found(req.uri().path())),
+    }
 }
 
 const OPENAPI: &str = include_str!("openapi.json");
@@ -115,15 +208,9 @@ fn json(status: StatusCode, value: impl serde::Serialize) -> Reply {
     Ok(respond(status, "application/json", serde_json::to_vec(&value).expect("serializable")))
 }
 
-/// Reads a JSON body: size-limited, UTF-8 checked, each problem named.
-async fn read_json<T: DeserializeOwned>(app: &App, req: Request<Incoming>) -> Result<T, ApiError> {
-    let limit = app.limits.max_body_bytes;
-    let bytes = Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the request body exceeds {limit} bytes")))?
-        .to_bytes();
-    let bytes: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
+/// Parses a JSON body (already size-limited): UTF-8 checked, each problem named.
+fn read_json<T: DeserializeOwned>(req: &Req) -> Result<T, ApiError> {
+    let bytes: &[u8] = if req.body().is_empty() { b"{}" } else { req.body() };
     let text = std::str::from_utf8(bytes).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_utf8", format!("the request body is not valid UTF-8 ({e})")))?;
     serde_json::from_str(text).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", format!("{e}")),
@@ -131,7 +218,7 @@ async fn read_json<T: DeserializeOwned>(app: &App, req: Request<Incoming>) -> Re
     })
 }
 
-pub fn bearer(req: &Request<Incoming>) -> Option<&str> {
+pub fn bearer(req: &Req) -> Option<&str> {
     req.headers().get(AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 
@@ -139,37 +226,22 @@ pub fn unauthorized() -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "an Authorization: Bearer token is required")
 }
 
-fn require_token(req: &Request<Incoming>) -> Result<&str, ApiError> {
+fn require_token(req: &Req) -> Result<&str, ApiError> {
     bearer(req).ok_or_else(unauthorized)
 }
 
-fn require_agent(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+fn require_agent(app: &App, req: &Req) -> Result<(), ApiError> {
     let token = require_token(req)?;
     if app.staff.is_agent(token) { Ok(()) } else { Err(forbidden("an agent token is required")) }
 }
 
-fn require_admin(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+fn require_admin(app: &App, req: &Req) -> Result<(), ApiError> {
     let token = require_token(req)?;
     if app.staff.is_admin(token) { Ok(()) } else { Err(forbidden("an admin token is required")) }
 }
 
 fn forbidden(message: &str) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
-}
-
-/// The chat and the participant the request's bearer token belongs to.
-async fn caller(app: &App, chat_id: &str, req: &Request<Incoming>) -> Result<(ChatHandle, Member), ApiError> {
-    let token = require_token(req)?.to_owned();
-    participant(app, chat_id, &token).await
-}
-
-/// The chat and the participant `token` belongs to; anyone else gets 403.
-pub async fn participant(app: &App, chat_id: &str, token: &str) -> Result<(ChatHandle, Member), ApiError> {
-    check_id(chat_id)?;
-    let chat = app.chats.find(chat_id).await?;
-    let member = chat.shared.authenticate(token).ok_or_else(|| forbidden("this token does not belong to a participant of this chat"))?;
-    chat.touch(&member).await;
-    Ok((chat, member))
 }
 
 fn check_id(chat_id: &str) -> Result<(), ApiError> {
@@ -186,14 +258,14 @@ fn readyz(app: &App) -> Reply {
     json(StatusCode::OK, serde_json::json!({"status": "ready"}))
 }
 
-fn set_draining(app: &App, req: &Request<Incoming>, draining: bool) -> Reply {
+fn set_draining(app: &App, req: &Req, draining: bool) -> Reply {
     require_admin(app, req)?;
     app.draining.store(draining, Ordering::Relaxed);
     tracing::info!(event_id = if draining { "instance.drain" } else { "instance.undrain" }, "draining = {draining}");
     json(StatusCode::OK, serde_json::json!({"draining": draining, "sessions_current": app.kpi.sessions_current.load(Ordering::Relaxed)}))
 }
 
-async fn reload(app: &App, req: &Request<Incoming>) -> Reply {
+async fn reload(app: &App, req: &Req) -> Reply {
     require_admin(app, req)?;
     match app.plugins.reload().await {
         Ok(()) => {
@@ -207,7 +279,7 @@ async fn reload(app: &App, req: &Request<Incoming>) -> Reply {
     }
 }
 
-fn queue(app: &App, req: &Request<Incoming>) -> Reply {
+fn queue(app: &App, req: &Req) -> Reply {
     require_agent(app, req)?;
     json(StatusCode::OK, serde_json::json!({"chats": app.chats.queue()}))
 }
@@ -232,11 +304,11 @@ fn check_nickname(app: &App, nickname: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn create_chat(app: &App, req: Request<Incoming>) -> Reply {
+async fn create_chat(app: &App, req: &Req) -> Reply {
     if app.draining.load(Ordering::Relaxed) {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this instance is draining and takes no new chats"));
     }
-    let body: CreateChat = read_json(app, req).await?;
+    let body: CreateChat = read_json(req)?;
     check_nickname(app, &body.nickname)?;
     if body.subject.chars().count() > app.limits.max_message_chars {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", "subject is too long"));
@@ -252,9 +324,8 @@ struct PostMessage {
     client_msg_id: Option<String>,
 }
 
-async fn post_message(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
-    let (chat, member) = caller(app, chat_id, &req).await?;
-    let body: PostMessage = read_json(app, req).await?;
+async fn post_message(app: &App, chat: &ChatHandle, member: &Member, req: &Req) -> Reply {
+    let body: PostMessage = read_json(req)?;
     let chars = body.text.chars().count();
     if body.text.trim().is_empty() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", "text must not be empty"));
@@ -271,7 +342,7 @@ async fn post_message(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply
     {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", "client_msg_id must have 1 to 128 characters"));
     }
-    let seq = chat.post(&member, body.text, body.client_msg_id).await?;
+    let seq = chat.post(member, body.text, body.client_msg_id).await?;
     json(StatusCode::OK, serde_json::json!({"seq": seq}))
 }
 
@@ -280,15 +351,14 @@ struct Typing {
     typing: bool,
 }
 
-async fn typing(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
-    let (chat, member) = caller(app, chat_id, &req).await?;
-    let body: Typing = read_json(app, req).await?;
-    chat.shared.typing(&member, body.typing);
+fn typing(chat: &ChatHandle, member: &Member, req: &Req) -> Reply {
+    let body: Typing = read_json(req)?;
+    chat.shared.typing(member, body.typing);
     json(StatusCode::OK, serde_json::json!({"typing": body.typing}))
 }
 
 /// Query parameters as (name, value) pairs.
-pub fn query_pairs(req: &Request<Incoming>) -> Vec<(String, String)> {
+pub fn query_pairs(req: &Req) -> Vec<(String, String)> {
     req.uri()
         .query()
         .unwrap_or("")
@@ -301,7 +371,7 @@ pub fn query_pairs(req: &Request<Incoming>) -> Vec<(String, String)> {
         .collect()
 }
 
-pub fn query_u64(req: &Request<Incoming>, name: &str, default: u64) -> Result<u64, ApiError> {
+pub fn query_u64(req: &Req, name: &str, default: u64) -> Result<u64, ApiError> {
     match query_pairs(req).into_iter().find(|(k, _)| k == name) {
         None => Ok(default),
         Some((_, v)) => v.parse().map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("{name} must be a non-negative integer, not {v:?}"))),
@@ -311,13 +381,13 @@ pub fn query_u64(req: &Request<Incoming>, name: &str, default: u64) -> Result<u6
 const MAX_EVENTS_PER_POLL: usize = 1000;
 const MAX_WAIT_MS: u64 = 60_000;
 
-async fn events(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
-    let after = query_u64(&req, "after", 0)?;
-    let wait_ms = query_u64(&req, "wait_ms", 0)?.min(MAX_WAIT_MS);
-    let (chat, member) = caller(app, chat_id, &req).await?;
+async fn events(chat: &ChatHandle, member: &Member, req: &Req) -> Reply {
+    let after = query_u64(req, "after", 0)?;
+    let wait_ms = query_u64(req, "wait_ms", 0)?.min(MAX_WAIT_MS);
     let shared = &chat.shared;
     let mut live = shared.subscribe_live();
     let mut committed = shared.watch_committed();
+    let mut moved = shared.watch_moved();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     let events: Vec<Arc<Event>> = loop {
         committed.borrow_and_update();
@@ -325,8 +395,13 @@ async fn events(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
         if !found.is_empty() || shared.state() == crate::plugins::bindings::types::ChatState::Closed {
             break found;
         }
+        if *moved.borrow_and_update() {
+            // Another instance took the chat over: asking again reaches it there.
+            return Err(ChatError::Moved.into());
+        }
         tokio::select! {
             _ = committed.changed() => continue,
+            _ = moved.changed() => continue,
             ev = live.recv() => match ev {
                 Ok(ev) if ev.visible_to(member.role) => break vec![ev],
                 _ => continue,
@@ -349,8 +424,7 @@ async fn events(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
     Ok(respond(StatusCode::OK, "application/json", body))
 }
 
-async fn transcript(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
-    let (chat, member) = caller(app, chat_id, &req).await?;
+fn transcript(chat: &ChatHandle, member: &Member) -> Reply {
     let state = chat.shared.state();
     let events = chat.shared.events_after(0, usize::MAX, member.role);
     let mut body = format!("{{\"chat_id\":\"{}\",\"state\":\"{}\",\"events\":[", chat.shared.id, state_name(state));
@@ -373,9 +447,8 @@ fn state_name(s: crate::plugins::bindings::types::ChatState) -> &'static str {
     }
 }
 
-async fn leave(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
-    let (chat, member) = caller(app, chat_id, &req).await?;
-    let seq = chat.leave(&member).await?;
+async fn leave(chat: &ChatHandle, member: &Member) -> Reply {
+    let seq = chat.leave(member).await?;
     json(StatusCode::OK, serde_json::json!({"seq": seq}))
 }
 
@@ -389,12 +462,9 @@ fn default_agent_name() -> String {
     "Agent".to_string()
 }
 
-async fn join(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
-    require_agent(app, &req)?;
-    check_id(chat_id)?;
-    let body: JoinBody = read_json(app, req).await?;
+async fn join(app: &App, chat: &ChatHandle, req: &Req) -> Reply {
+    let body: JoinBody = read_json(req)?;
     check_nickname(app, &body.nickname)?;
-    let chat = app.chats.find(chat_id).await?;
     let joined = chat.join(body.nickname.trim()).await?;
     json(StatusCode::OK, joined)
 }
@@ -405,22 +475,30 @@ struct CloseBody {
     reason: Option<String>,
 }
 
-async fn close(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
-    let (chat, member) = caller(app, chat_id, &req).await?;
+async fn close(chat: &ChatHandle, member: &Member, req: &Req) -> Reply {
     if member.role != Role::Agent {
         return Err(forbidden("only an agent of this chat can close it; customers leave"));
     }
-    let body: CloseBody = read_json(app, req).await?;
+    let body: CloseBody = read_json(req)?;
     let reason = body.reason.unwrap_or_else(|| format!("closed by {}", member.nickname));
     let seq = chat.close(reason).await?;
     json(StatusCode::OK, serde_json::json!({"seq": seq, "state": "closed"}))
 }
 
-async fn stop(app: &App, chat_id: &str, req: Request<Incoming>) -> Reply {
-    require_admin(app, &req)?;
-    check_id(chat_id)?;
-    let body: CloseBody = read_json(app, req).await?;
-    let chat = app.chats.find(chat_id).await?;
+async fn stop(chat: &ChatHandle, req: &Req) -> Reply {
+    let body: CloseBody = read_json(req)?;
     let seq = chat.close(body.reason.unwrap_or_else(|| "stopped by the workflow".into())).await?;
     json(StatusCode::OK, serde_json::json!({"seq": seq, "state": "closed"}))
+}
+
+/// `GET /v1/cluster` (admin): the members this instance knows of and whether their leases are live.
+fn cluster(app: &App, req: &Req) -> Reply {
+    require_admin(app, req)?;
+    let members: Vec<serde_json::Value> = app
+        .cluster
+        .members()
+        .into_iter()
+        .map(|p| serde_json::json!({"instance_id": p.instance_id, "address": p.address, "lease_expires_ms": p.lease_expires_ms, "live": p.is_live()}))
+        .collect();
+    json(StatusCode::OK, serde_json::json!({"instance_id": &*app.instance_id, "members": members}))
 }

@@ -2,7 +2,10 @@
 //! WebSocket) and hands each request to the API router.
 
 mod api;
+mod proxy;
 mod ws;
+
+pub use proxy::Peers;
 
 use crate::auth::StaffTokens;
 use crate::chat::Chats;
@@ -19,6 +22,9 @@ use tracing::debug;
 /// Everything a request handler can reach.
 pub struct App {
     pub instance_id: Arc<str>,
+    pub cluster: Arc<crate::cluster::Cluster>,
+    /// Connections to the other instances, for requests passed on to a chat's owner.
+    pub peers: Peers,
     pub chats: Chats,
     pub staff: StaffTokens,
     pub limits: LimitsSection,

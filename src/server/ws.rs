@@ -1,25 +1,24 @@
 //! `GET /v1/chats/{id}/ws`: the chat's events as WebSocket text frames, in order, starting
 //! after `?after=`. Browsers cannot set headers on a WebSocket, so the participant token may
-//! also come as `?token=`.
+//! also come as `?token=`. When another instance takes the chat over, the socket closes with
+//! code 1012 (service restart): the client reconnects after its last seq.
 
-use super::App;
-use super::api::{ApiError, Body, bearer, participant, query_pairs, query_u64, unauthorized};
+use super::api::{ApiError, Body, Req, query_u64};
+use crate::chat::{ChatHandle, Member};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::header::{CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use std::sync::Arc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 
-pub async fn upgrade(app: &Arc<App>, chat_id: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub fn upgrade(chat: ChatHandle, member: Member, req: Req) -> Result<Response<Body>, ApiError> {
     let after = query_u64(&req, "after", 0)?;
-    let token = bearer(&req).map(str::to_owned).or_else(|| query_pairs(&req).into_iter().find(|(k, _)| k == "token").map(|(_, v)| v));
-    let (chat, member) = participant(app, chat_id, &token.ok_or_else(unauthorized)?).await?;
     let key = req
         .headers()
         .get(SEC_WEBSOCKET_KEY)
@@ -35,6 +34,7 @@ pub async fn upgrade(app: &Arc<App>, chat_id: &str, req: Request<Incoming>) -> R
         let shared = chat.shared.clone();
         let mut live = shared.subscribe_live();
         let mut committed = shared.watch_committed();
+        let mut moved = shared.watch_moved();
         let mut last = after;
         loop {
             committed.borrow_and_update();
@@ -47,8 +47,15 @@ pub async fn upgrade(app: &Arc<App>, chat_id: &str, req: Request<Incoming>) -> R
             if shared.last_seq() > last {
                 continue;
             }
+            if *moved.borrow_and_update() {
+                // Another instance took the chat over: "service restart", reconnect after `last`.
+                let frame = CloseFrame { code: CloseCode::Restart, reason: "chat moved; reconnect".into() };
+                let _ = sink.send(Message::Close(Some(frame))).await;
+                return;
+            }
             tokio::select! {
                 changed = committed.changed() => if changed.is_err() { return },
+                _ = moved.changed() => {}
                 ev = live.recv() => match ev {
                     Ok(ev) if ev.visible_to(member.role) => {
                         if sink.send(Message::text(&*ev.json)).await.is_err() {

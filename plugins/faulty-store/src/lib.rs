@@ -8,7 +8,7 @@ wit_bindgen::generate!({ world: "transcript-store", path: "../../wit" });
 #[path = "../../sqlite-store/src/tables.rs"]
 mod tables;
 
-use exports::parley::plugin::store::{ChatDelta, Guest, Settings, StoreError, Transcript};
+use exports::parley::plugin::store::{ChatDelta, ClaimOutcome, Guest, Location, Member, Settings, StoreError, Transcript};
 
 struct FaultyStore;
 
@@ -50,8 +50,17 @@ impl Guest for FaultyStore {
         }
         results
     }
-    fn claim(chat_id: String, owner: String, expected_epoch: u64) -> Result<u64, StoreError> {
-        tables::claim(&chat_id, &owner, expected_epoch)
+    fn renew_lease(instance_id: String, incarnation: String, address: String, now_ms: u64, ttl_ms: u64) -> Result<Vec<Member>, StoreError> {
+        tables::renew_lease(&instance_id, &incarnation, &address, now_ms, ttl_ms)
+    }
+    fn release_lease(instance_id: String, incarnation: String) -> Result<(), StoreError> {
+        tables::release_lease(&instance_id, &incarnation)
+    }
+    fn locate(chat_ids: Vec<String>) -> Vec<Result<Option<Location>, StoreError>> {
+        chat_ids.iter().map(|id| tables::locate(id)).collect()
+    }
+    fn claim(chat_id: String, owner: String, expected_epoch: u64, now_ms: u64) -> Result<ClaimOutcome, StoreError> {
+        tables::claim(&chat_id, &owner, expected_epoch, now_ms)
     }
     fn load(chat_ids: Vec<String>) -> Vec<Result<Option<Transcript>, StoreError>> {
         chat_ids.iter().map(|id| tables::load(id)).collect()

@@ -1,7 +1,7 @@
 //! The SQL behind the SQLite store: schema, fenced group-commit saves, claims, loads.
 //! Shared as source with the faulty test store so both run exactly the same storage code.
 
-use crate::exports::parley::plugin::store::{ChatDelta, Settings, StoreError, Transcript};
+use crate::exports::parley::plugin::store::{ChatDelta, ClaimOutcome, Location, Member, Settings, StoreError, Transcript};
 use crate::parley::plugin::sql::{self, SqlError, Statement, Value};
 use crate::parley::plugin::types::{ChatState, Event, EventKind};
 
@@ -21,7 +21,24 @@ const SCHEMA: &[&str] = &[
         participant_id TEXT NOT NULL, nickname TEXT NOT NULL, text TEXT NOT NULL,
         client_msg_id TEXT, at_ms INTEGER NOT NULL,
         PRIMARY KEY (chat_id, seq)) WITHOUT ROWID",
+    // Cluster membership: one lease row per instance id.
+    "CREATE TABLE IF NOT EXISTS members (
+        instance_id TEXT PRIMARY KEY, incarnation TEXT NOT NULL, address TEXT NOT NULL,
+        lease_expires_ms INTEGER NOT NULL) WITHOUT ROWID",
 ];
+
+/// A lease is renewed by the incarnation holding it, or taken over once it ran out.
+const RENEW_LEASE: &str = "INSERT INTO members (instance_id, incarnation, address, lease_expires_ms)
+    VALUES (?1, ?2, ?3, ?4)
+    ON CONFLICT (instance_id) DO UPDATE SET incarnation = excluded.incarnation,
+        address = excluded.address, lease_expires_ms = excluded.lease_expires_ms
+    WHERE members.incarnation = excluded.incarnation OR members.lease_expires_ms <= ?5";
+
+/// The compare-and-set of a restore: the epoch must be the expected one, and the owner must
+/// be the claimer itself or hold no live lease.
+const CLAIM: &str = "UPDATE chats SET epoch = epoch + 1, owner = ?2
+    WHERE chat_id = ?1 AND epoch = ?3 AND (owner = ?2 OR NOT EXISTS
+        (SELECT 1 FROM members WHERE instance_id = chats.owner AND lease_expires_ms > ?4))";
 
 /// Upserts a chat row only while the writer's epoch is the chat's epoch: 0 rows changed
 /// means another owner has claimed the chat since (the write is fenced off).
@@ -97,27 +114,70 @@ pub fn save(deltas: &[ChatDelta]) -> Vec<Result<(), StoreError>> {
     }
 }
 
-pub fn claim(chat_id: &str, owner: &str, expected_epoch: u64) -> Result<u64, StoreError> {
+pub fn renew_lease(instance_id: &str, incarnation: &str, address: &str, now_ms: u64, ttl_ms: u64) -> Result<Vec<Member>, StoreError> {
+    let row = vec![
+        Value::Text(instance_id.to_string()),
+        Value::Text(incarnation.to_string()),
+        Value::Text(address.to_string()),
+        Value::Integer((now_ms + ttl_ms) as i64),
+        Value::Integer(now_ms as i64),
+    ];
+    let changed = sql::transaction(&[Statement { sql: RENEW_LEASE.to_string(), rows: vec![row] }]).map_err(store_error)?;
+    if changed[0][0] != 1 {
+        return Err(StoreError::Invalid(format!(
+            "instance id {instance_id} is already running: another process holds its lease"
+        )));
+    }
+    let rows = sql::query("SELECT instance_id, address, lease_expires_ms FROM members", &[]).map_err(store_error)?;
+    Ok(rows
+        .iter()
+        .map(|r| Member { instance_id: text(&r[0]), address: text(&r[1]), lease_expires_ms: int(&r[2]) })
+        .collect())
+}
+
+pub fn release_lease(instance_id: &str, incarnation: &str) -> Result<(), StoreError> {
     let statement = Statement {
-        sql: "UPDATE chats SET epoch = epoch + 1, owner = ?2 WHERE chat_id = ?1 AND epoch = ?3"
-            .to_string(),
+        sql: "UPDATE members SET lease_expires_ms = 0 WHERE instance_id = ?1 AND incarnation = ?2".to_string(),
+        rows: vec![vec![Value::Text(instance_id.to_string()), Value::Text(incarnation.to_string())]],
+    };
+    sql::transaction(&[statement]).map(drop).map_err(store_error)
+}
+
+pub fn locate(chat_id: &str) -> Result<Option<Location>, StoreError> {
+    let rows = sql::query("SELECT owner, epoch, state FROM chats WHERE chat_id = ?1", &[Value::Text(chat_id.to_string())])
+        .map_err(store_error)?;
+    Ok(rows.first().map(|r| Location {
+        chat_id: chat_id.to_string(),
+        owner: text(&r[0]),
+        epoch: int(&r[1]),
+        state: parse_state(&text(&r[2])),
+    }))
+}
+
+pub fn claim(chat_id: &str, owner: &str, expected_epoch: u64, now_ms: u64) -> Result<ClaimOutcome, StoreError> {
+    let statement = Statement {
+        sql: CLAIM.to_string(),
         rows: vec![vec![
             Value::Text(chat_id.to_string()),
             Value::Text(owner.to_string()),
             Value::Integer(expected_epoch as i64),
+            Value::Integer(now_ms as i64),
         ]],
     };
     let changed = sql::transaction(&[statement]).map_err(store_error)?;
     if changed[0][0] == 1 {
-        return Ok(expected_epoch + 1);
+        return Ok(ClaimOutcome::Claimed(expected_epoch + 1));
     }
-    let rows = sql::query("SELECT epoch FROM chats WHERE chat_id = ?1", &[Value::Text(chat_id.to_string())])
-        .map_err(store_error)?;
-    match rows.first().and_then(|r| r.first()) {
-        Some(Value::Integer(epoch)) => Err(StoreError::StaleEpoch(format!(
-            "chat {chat_id} is at epoch {epoch}, not {expected_epoch}"
-        ))),
-        _ => Err(StoreError::Invalid(format!("no open chat {chat_id}"))),
+    let rows = sql::query(
+        "SELECT c.epoch, m.lease_expires_ms FROM chats c LEFT JOIN members m ON m.instance_id = c.owner
+         WHERE c.chat_id = ?1",
+        &[Value::Text(chat_id.to_string())],
+    )
+    .map_err(store_error)?;
+    match rows.first() {
+        None => Err(StoreError::Invalid(format!("no open chat {chat_id}"))),
+        Some(r) if int(&r[0]) != expected_epoch => Ok(ClaimOutcome::EpochMoved(int(&r[0]))),
+        Some(r) => Ok(ClaimOutcome::OwnerAlive(int(&r[1]))),
     }
 }
 
@@ -220,6 +280,7 @@ fn kind_name(k: EventKind) -> &'static str {
         EventKind::Reconnected => "reconnected",
         EventKind::Notice => "notice",
         EventKind::Closed => "closed",
+        EventKind::Moved => "moved",
     }
 }
 
@@ -230,6 +291,7 @@ fn parse_kind(s: &str) -> EventKind {
         "reconnected" => EventKind::Reconnected,
         "notice" => EventKind::Notice,
         "closed" => EventKind::Closed,
+        "moved" => EventKind::Moved,
         _ => EventKind::Message,
     }
 }
