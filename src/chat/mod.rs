@@ -234,8 +234,10 @@ pub struct ChatHandle {
 impl ChatHandle {
     async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<Result<T, ChatError>>) -> Command) -> Result<T, ChatError> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(command(tx)).await.map_err(|_| ChatError::Closed)?;
-        rx.await.unwrap_or(Err(ChatError::Closed))
+        // A task that ended without answering closed the chat, or dropped it as moved.
+        let ended = || if self.shared.has_moved() { ChatError::Moved } else { ChatError::Closed };
+        self.commands.send(command(tx)).await.map_err(|_| ended())?;
+        rx.await.unwrap_or_else(|_| Err(ended()))
     }
 
     /// Appends `reconnected` for a participant's first request after a restore.
@@ -314,6 +316,8 @@ pub struct Waiting {
     pub nickname: Arc<str>,
     pub subject: String,
     pub waiting_since: u64,
+    /// The instance that owns the chat.
+    pub instance: Arc<str>,
 }
 
 impl Chats {
@@ -456,6 +460,7 @@ impl Chats {
                     nickname: r.customer_nickname.clone(),
                     subject: r.subject.clone(),
                     waiting_since: r.created_ms,
+                    instance: self.deps.instance_id.clone(),
                 })
             })
             .collect();

@@ -87,7 +87,7 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Reply {
         (&Method::POST, ["admin", "drain"]) => set_draining(app, &req, true),
         (&Method::POST, ["admin", "undrain"]) => set_draining(app, &req, false),
         (&Method::POST, ["admin", "reload"]) => reload(app, &req).await,
-        (&Method::GET, ["v1", "queue"]) => queue(app, &req),
+        (&Method::GET, ["v1", "queue"]) => queue(app, &req).await,
         (&Method::POST, ["v1", "chats"]) => create_chat(app, &req).await,
         (_, ["v1", "chats", chat_id, action]) => {
             let (chat_id, action) = (chat_id.to_string(), action.to_string());
@@ -125,8 +125,7 @@ async fn chat_request(app: &Arc<App>, chat_id: &str, action: &str, req: Req) -> 
         ),
         _ => Requester::Participant(require_token(&req)?.to_owned()),
     };
-    let forwarded = req.headers().contains_key(proxy::FORWARDED_BY)
-        && req.headers().get(proxy::CLUSTER_KEY).and_then(|v| v.to_str().ok()).is_some_and(|k| app.cluster.is_member_secret(k));
+    let forwarded = forwarded(app, &req);
     let deadline = Instant::now() + app.cluster.failover_wait();
     loop {
         let owner = match app.chats.locate(chat_id, &requester, forwarded).await? {
@@ -155,6 +154,12 @@ async fn chat_request(app: &Arc<App>, chat_id: &str, action: &str, req: Req) -> 
             _ = tokio::time::sleep(app.cluster.renew_period()) => {}
         }
     }
+}
+
+/// Whether another instance of the cluster passed this request on (it is not passed on again).
+fn forwarded(app: &App, req: &Req) -> bool {
+    req.headers().contains_key(proxy::FORWARDED_BY)
+        && req.headers().get(proxy::CLUSTER_KEY).and_then(|v| v.to_str().ok()).is_some_and(|k| app.cluster.is_member_secret(k))
 }
 
 fn owner_unreachable(owner: &str, problem: &str) -> ApiError {
@@ -279,9 +284,32 @@ async fn reload(app: &App, req: &Req) -> Reply {
     }
 }
 
-fn queue(app: &App, req: &Req) -> Reply {
+/// The chats waiting for an agent on the whole cluster, oldest first: this instance's own,
+/// and those of every other live instance (asked in parallel; one that does not answer is
+/// named in `unreachable`).
+async fn queue(app: &App, req: &Req) -> Reply {
     require_agent(app, req)?;
-    json(StatusCode::OK, serde_json::json!({"chats": app.chats.queue()}))
+    let mut chats: Vec<serde_json::Value> = app.chats.queue().into_iter().map(|w| serde_json::to_value(w).expect("serializable")).collect();
+    let mut unreachable = Vec::new();
+    if !forwarded(app, req) {
+        let peers: Vec<_> = app.cluster.members().into_iter().filter(|p| p.is_live() && *p.instance_id != *app.instance_id).collect();
+        let answers = futures_util::future::join_all(peers.iter().map(|p| proxy::forward(app, p, req))).await;
+        for (peer, answer) in peers.iter().zip(answers) {
+            let body = match answer {
+                Ok(r) if r.status() == StatusCode::OK => r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default(),
+                _ => {
+                    unreachable.push(peer.instance_id.clone());
+                    continue;
+                }
+            };
+            let theirs: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if let Some(list) = theirs["chats"].as_array() {
+                chats.extend(list.iter().cloned());
+            }
+        }
+    }
+    chats.sort_by_key(|c| c["waiting_since"].as_u64().unwrap_or(0));
+    json(StatusCode::OK, serde_json::json!({"chats": chats, "unreachable": unreachable}))
 }
 
 #[derive(Deserialize)]

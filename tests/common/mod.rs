@@ -44,6 +44,8 @@ impl Drop for Scratch {
 pub struct Server {
     child: Child,
     pub addr: String,
+    /// The instance id it printed at startup.
+    pub id: String,
 }
 
 fn command(data: &Path, config: Option<&Path>, listen: &str) -> Command {
@@ -66,9 +68,10 @@ impl Server {
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let line = lines.next().expect("parley printed nothing").unwrap();
         let addr = line.split("listening on http://").nth(1).unwrap_or_else(|| panic!("unexpected first line: {line}")).trim().to_string();
+        let id = line.split_whitespace().nth(2).unwrap_or_default().to_string();
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server { child, addr }
+        Server { child, addr, id }
     }
 
     /// Runs `parley serve` expecting it to refuse to start; returns (exit code, stderr).
@@ -89,6 +92,26 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGSTOP: the process freezes (its lease stops being renewed) until `resume`. SIGKILL
+    /// (on drop) ends a frozen process too.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let ok = Command::new("kill").arg(which).arg(self.child.id().to_string()).status().unwrap().success();
+        assert!(ok, "kill {which} failed");
+    }
+
+    pub async fn kpi(&self) -> Value {
+        self.client().get("/v1/kpi", None).await.unwrap().ok().unwrap()
     }
 }
 

@@ -1,0 +1,263 @@
+//! The N+1 cluster with real processes sharing one data directory: requests reach a chat
+//! through any instance, a chat continues after its owner is killed with SIGKILL, and a
+//! frozen owner that comes back cannot fork the transcript.
+
+mod common;
+
+use common::*;
+use futures_util::StreamExt;
+use parley::client::{Client, FailoverClient};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+fn cluster_of(n: usize, data: &Scratch, config: Option<&std::path::Path>) -> Vec<Server> {
+    (0..n).map(|_| Server::start(data.path(), config)).collect()
+}
+
+/// The seq numbers of a transcript are 1, 2, 3, ... with no gap and no repeat.
+fn assert_dense(t: &Value) {
+    let seqs: Vec<u64> = t["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{t}");
+}
+
+/// The reference guide's HA test, automated: three instances, a chat with a customer and an
+/// agent talking through different instances, `kill -9` of the owner, both carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_guide_test_three_instances_and_kill_9_of_the_owner() {
+    let data = Scratch::new("reference");
+    let servers = cluster_of(3, &data, None);
+    let (a, b, c) = (&servers[0], &servers[1], &servers[2]);
+    let mut customer = FailoverClient::new(&[a.addr.clone(), b.addr.clone(), c.addr.clone()]);
+    let mut agent = FailoverClient::new(&[b.addr.clone(), c.addr.clone(), a.addr.clone()]);
+
+    let created = customer.post("/v1/chats", None, json!({"nickname": "Ann", "subject": "billing"})).await.unwrap();
+    assert_eq!(created.instance.as_deref(), Some(a.id.as_str()));
+    let created = created.ok().unwrap();
+    let chat_id = created["chat_id"].as_str().unwrap().to_string();
+    let customer_token = created["token"].as_str().unwrap().to_string();
+
+    // The agent works through B: B passes every request on to A, which owns the chat.
+    let queue = agent.get("/v1/queue", Some(AGENT)).await.unwrap().ok().unwrap();
+    assert!(queue["chats"].as_array().unwrap().iter().any(|q| q["chat_id"] == chat_id.as_str()), "B's queue lists A's waiting chat: {queue}");
+    let joined = agent.post(&format!("/v1/chats/{chat_id}/join"), Some(AGENT), json!({"nickname": "Bob"})).await.unwrap();
+    assert_eq!(joined.instance.as_deref(), Some(a.id.as_str()), "served by the owner, through B");
+    let agent_token = joined.ok().unwrap()["token"].as_str().unwrap().to_string();
+    let messages_path = format!("/v1/chats/{chat_id}/messages");
+
+    // A WebSocket through C follows the chat live, passed on to A as well.
+    let url = format!("ws://{}/v1/chats/{chat_id}/ws?after=0&token={customer_token}", c.addr);
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tokio::net::TcpStream::connect(&c.addr).await.unwrap()).await.unwrap();
+
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        let (client, token, who) = if i % 2 == 0 { (&mut customer, &customer_token, "c") } else { (&mut agent, &agent_token, "a") };
+        let r = client.post(&messages_path, Some(token), json!({"text": format!("{who}{i}"), "client_msg_id": format!("{who}{i}")})).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.instance.as_deref(), Some(a.id.as_str()));
+        acked.push((r.body["seq"].as_u64().unwrap(), format!("{who}{i}")));
+    }
+    let mut over_ws = Vec::new();
+    while over_ws.len() < 10 {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("ws event").unwrap().unwrap();
+        let e: Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+        if e["kind"] == "message" {
+            over_ws.push((e["seq"].as_u64().unwrap(), e["text"].as_str().unwrap().to_string()));
+        }
+    }
+    assert_eq!(over_ws, acked, "the WebSocket through C saw what A acknowledged");
+    let kpi_b = b.kpi().await;
+    assert_eq!(kpi_b["session_restored"], 0, "an owner that is alive is asked, not replaced");
+    assert!(kpi_b["requests_proxied"].as_u64().unwrap() >= 6, "{kpi_b}");
+
+    // kill -9 of the owner. Both participants carry on through the other instances.
+    let a_id = a.id.clone();
+    let mut servers = servers;
+    servers.remove(0).kill9();
+    let killed = Instant::now();
+    let r = customer.post(&messages_path, Some(&customer_token), json!({"text": "still there?", "client_msg_id": "c-after"})).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let new_owner = r.instance.clone().unwrap();
+    assert_ne!(new_owner, a_id);
+    assert!(killed.elapsed() < Duration::from_secs(4), "restored within the lease time, took {:?}", killed.elapsed());
+    acked.push((r.body["seq"].as_u64().unwrap(), "still there?".into()));
+    // A resend of a message A acknowledged gets its original seq, nothing new is stored.
+    let r = agent.post(&messages_path, Some(&agent_token), json!({"text": "a1", "client_msg_id": "a1"})).await.unwrap();
+    assert_eq!(r.body["seq"].as_u64(), Some(acked[1].0));
+    let r = agent.post(&messages_path, Some(&agent_token), json!({"text": "yes", "client_msg_id": "a-after"})).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.instance.as_deref(), Some(new_owner.as_str()));
+    acked.push((r.body["seq"].as_u64().unwrap(), "yes".into()));
+
+    // Both see the same transcript, through different instances: every acknowledged message
+    // once and in order, the move to the new owner, and each participant's reconnect once.
+    let (b, c) = (&servers[0], &servers[1]);
+    let mut seen = Vec::new();
+    for (server, token) in [(b, &customer_token), (c, &agent_token)] {
+        let t = server.client().get(&format!("/v1/chats/{chat_id}/transcript"), Some(token)).await.unwrap().ok().unwrap();
+        assert_eq!(messages(&t), acked);
+        assert_dense(&t);
+        let kinds = kinds(&t);
+        assert_eq!(kinds.iter().filter(|k| *k == "reconnected").count(), 2, "{t}");
+        let moved: Vec<&Value> = t["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "moved").collect();
+        assert_eq!(moved.len(), 1, "{t}");
+        assert_eq!(moved[0]["text"], new_owner.as_str(), "the move names the new owner");
+        seen.push(t["events"].clone());
+    }
+    assert_eq!(seen[0], seen[1], "one order for everyone");
+
+    // The workflow stops the chat from whichever instance it asks.
+    let stopper = if b.id == new_owner { c } else { b };
+    let r = stopper.client().post(&format!("/v1/chats/{chat_id}/stop"), Some(ADMIN), json!({"reason": "end of shift"})).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.instance.as_deref(), Some(new_owner.as_str()));
+    let t = stopper.client().get(&format!("/v1/chats/{chat_id}/transcript"), Some(&customer_token)).await.unwrap().ok().unwrap();
+    assert_eq!(t["state"], "closed");
+}
+
+/// 200 chats with messages in flight on three instances; one instance is killed with SIGKILL.
+/// Every acknowledged message is stored exactly once, and every chat goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_busy_chats_survive_kill_9_of_one_of_three_instances() {
+    let data = Scratch::new("load");
+    let mut servers = cluster_of(3, &data, None);
+    let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let mut chats = Vec::new();
+    for i in 0..200 {
+        // Each chat starts on one instance and knows the others in rotation.
+        let order: Vec<String> = (0..3).map(|k| addrs[(i + k) % 3].clone()).collect();
+        let (stop, killed_at) = (stop.clone(), killed_at.clone());
+        chats.push(tokio::spawn(async move {
+            let mut client = FailoverClient::new(&order);
+            let created = client.post("/v1/chats", None, json!({"nickname": format!("C{i}")})).await.unwrap().ok().unwrap();
+            let chat_id = created["chat_id"].as_str().unwrap().to_string();
+            let token = created["token"].as_str().unwrap().to_string();
+            let path = format!("/v1/chats/{chat_id}/messages");
+            let mut acked = Vec::new();
+            let mut after_kill = 0;
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let text = format!("{i}-{n}");
+                let r = client.post(&path, Some(&token), json!({"text": text, "client_msg_id": text})).await.unwrap();
+                assert_eq!(r.status, 200, "chat {i} message {n}: {:?}", r.body);
+                acked.push((r.body["seq"].as_u64().unwrap(), text));
+                if killed_at.lock().unwrap().is_some() {
+                    after_kill += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (chat_id, token, acked, after_kill)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    servers.remove(0).kill9();
+    *killed_at.lock().unwrap() = Some(Instant::now());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut reader = Client::new(&servers[0].addr);
+    let mut total = 0;
+    for chat in chats {
+        let (chat_id, token, acked, after_kill) = chat.await.unwrap();
+        assert!(after_kill > 0, "chat {chat_id} went on after the kill");
+        let t = reader.get(&format!("/v1/chats/{chat_id}/transcript"), Some(&token)).await.unwrap().ok().unwrap();
+        assert_eq!(messages(&t), acked, "chat {chat_id}: exactly the acknowledged messages, once each, in order");
+        assert_dense(&t);
+        total += acked.len();
+    }
+    let (k1, k2) = (servers[0].kpi().await, servers[1].kpi().await);
+    let restored = k1["session_restored"].as_u64().unwrap() + k2["session_restored"].as_u64().unwrap();
+    assert_eq!(restored, 67, "each of the killed instance's chats (every third) was restored once");
+    assert!(total > 2000, "messages were in flight throughout: {total}");
+}
+
+/// Split brain: the owner is frozen (SIGSTOP) until its lease runs out; another instance
+/// restores the chat and takes messages; the old owner is thawed. It writes nothing more,
+/// drops the chat, and every participant sees one transcript.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_owner_that_comes_back_cannot_fork_the_transcript() {
+    let data = Scratch::new("split");
+    let servers = cluster_of(2, &data, None);
+    let (a, b) = (&servers[0], &servers[1]);
+    let (mut customer, mut agent) = open_chat(a, "Ann").await;
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let r = customer.send(&format!("before {i}"), &format!("b{i}")).await;
+        acked.push((r.body["seq"].as_u64().unwrap(), format!("before {i}")));
+    }
+
+    a.freeze();
+    // A request that reaches the frozen owner directly waits in its socket.
+    let mut late = Client::new(&a.addr);
+    let late_path = format!("/v1/chats/{}/messages", customer.chat_id);
+    let late_token = agent.token.clone();
+    let late = tokio::spawn(async move { late.post(&late_path, Some(&late_token), json!({"text": "late", "client_msg_id": "late"})).await.unwrap() });
+
+    // Through B the chat goes on once A's lease ran out.
+    customer.client = b.client();
+    let frozen = Instant::now();
+    for i in 0..3 {
+        let r = customer.send(&format!("during {i}"), &format!("d{i}")).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.instance.as_deref(), Some(b.id.as_str()));
+        acked.push((r.body["seq"].as_u64().unwrap(), format!("during {i}")));
+    }
+    assert!(frozen.elapsed() >= Duration::from_millis(1000), "B waited for A's lease to run out");
+
+    a.resume();
+    let late = tokio::time::timeout(Duration::from_secs(10), late).await.expect("the late request is answered").unwrap();
+    if late.status == 200 {
+        // A no longer owned the chat and passed the request on to B, which stored it.
+        assert_eq!(late.instance.as_deref(), Some(b.id.as_str()), "{late:?}");
+        acked.push((late.body["seq"].as_u64().unwrap(), "late".into()));
+    } else {
+        assert_eq!(late.status, 503, "{late:?}");
+        assert_eq!(late.error_code(), Some("chat_moved"));
+    }
+    acked.sort();
+    let kpi_a = a.kpi().await;
+    assert!(kpi_a["chats_purged"].as_u64().unwrap() >= 1, "A dropped the chat: {kpi_a}");
+    assert_eq!(kpi_a["sessions_current"], 0, "{kpi_a}");
+
+    // The same transcript through either instance; A answers by asking B.
+    agent.moved_to(a);
+    let via_a = agent.transcript().await;
+    customer.moved_to(b);
+    let via_b = customer.transcript().await;
+    assert_eq!(via_a["events"], via_b["events"]);
+    assert_eq!(messages(&via_b), acked);
+    assert_dense(&via_b);
+    let r = agent.send("after the thaw", "a-thaw").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.instance.as_deref(), Some(b.id.as_str()), "A passes writes on to the new owner");
+}
+
+/// `restore.mode = "none"` and `restore.allowed_initiators` are honoured when an owner dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_settings_decide_who_may_bring_a_chat_back() {
+    let data = Scratch::new("restore-settings");
+    let config = data.deployment("[restore]\nmode = \"simple\"\nallowed_initiators = [\"agent\"]\n");
+    let mut servers = cluster_of(2, &data, Some(&config));
+    let (mut customer, mut agent) = open_chat(&servers[0], "Ann").await;
+    servers.remove(0).kill9();
+    customer.moved_to(&servers[0]);
+    agent.moved_to(&servers[0]);
+    let r = customer.send("hello?", "c1").await;
+    assert_eq!((r.status, r.error_code()), (503, Some("restore_not_allowed")), "{:?}", r.body);
+    let r = agent.send("I am here", "a1").await;
+    assert_eq!(r.status, 200, "an agent may restore: {:?}", r.body);
+    assert_eq!(customer.send("hello?", "c1").await.status, 200, "then the customer goes on");
+
+    let data = Scratch::new("restore-none");
+    let config = data.deployment("[restore]\nmode = \"none\"\n");
+    let mut servers = cluster_of(2, &data, Some(&config));
+    let (mut customer, _agent) = open_chat(&servers[0], "Ann").await;
+    servers.remove(0).kill9();
+    customer.moved_to(&servers[0]);
+    let r = customer.send("hello?", "c1").await;
+    assert_eq!((r.status, r.error_code()), (410, Some("restore_disabled")), "{:?}", r.body);
+}
