@@ -42,6 +42,7 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
 
     let (intermediate, final_store, policy, notices) = load_slots(&runtime, &deployment, &database).await?;
     let lease = Arc::new(Lease::new());
+    let lease_slot = StoreSlot::spawn_for_leases(intermediate.sibling(), kpi.clone());
     let slots = (
         StoreSlot::spawn(intermediate, deployment.transcript.max_batch, kpi.clone(), Some(lease.clone())),
         StoreSlot::spawn(final_store, 64, kpi.clone(), None),
@@ -53,6 +54,7 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
         database: database.clone(),
         source: deployment.source.clone(),
         slots: slots.clone(),
+        lease_slot: lease_slot.clone(),
         reloading: tokio::sync::Mutex::new(()),
     };
 
@@ -81,7 +83,7 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
         Some(s) => s.clone(),
         None => cluster::secret_of(data).map_err(|e| StartError::Other(format!("cluster key in {}: {e}", data.display())))?,
     };
-    let cluster = Cluster::join(instance_id.clone(), address, &deployment.cluster, secret, (slots.0.clone(), lease), kpi.clone())
+    let cluster = Cluster::join(instance_id.clone(), address, &deployment.cluster, secret, (lease_slot, lease), kpi.clone())
         .await
         .map_err(StartError::Other)?;
     let deps = Deps::new(&deployment, cluster.clone(), slots, kpi.clone());
@@ -133,6 +135,7 @@ pub struct Plugins {
     database: DatabaseFile,
     source: Option<std::path::PathBuf>,
     slots: (StoreSlot, StoreSlot, PolicySlot, NoticeSlot),
+    lease_slot: StoreSlot,
     reloading: tokio::sync::Mutex<()>,
 }
 
@@ -146,6 +149,7 @@ impl Plugins {
         let deployment = Deployment::from_file(source).map_err(|e| e.to_string())?;
         let (intermediate, final_store, policy, notices) = load_slots(&self.runtime, &deployment, &self.database).await.map_err(|e| e.to_string())?;
         let (s_intermediate, s_final, s_policy, s_notices) = &self.slots;
+        self.lease_slot.replace(intermediate.sibling());
         s_intermediate.replace(intermediate);
         s_final.replace(final_store);
         s_policy.replace(policy).await;

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod instance;
 pub mod kpi;
+pub mod local;
 pub mod plugins;
 pub mod server;
 pub mod storage;

@@ -35,7 +35,17 @@ enum Command {
         #[arg(long)]
         log_json: bool,
     },
-    /// Drive concurrent chats against an instance and print throughput and ack latency.
+    /// Three instances on one host sharing one data directory: an N+1 cluster to try.
+    Demo {
+        /// Data directory the three instances share.
+        #[arg(long, default_value = "parley-demo-data")]
+        data: PathBuf,
+        /// Port of the first instance; the others take the next two.
+        #[arg(long, default_value_t = 8081)]
+        port: u16,
+    },
+    /// Drive concurrent chats against an instance and print throughput and ack latency;
+    /// `parley bench failover` measures failover after kill -9.
     Bench(parley::bench::Options),
     /// Print the SHA-256 digest of a token, for the deployment file's [auth] section.
     HashToken { token: String },
@@ -58,6 +68,13 @@ fn main() -> std::process::ExitCode {
             init_logging(log_json);
             runtime.block_on(serve(config, listen, data, instance_id))
         }
+        Command::Demo { data, port } => match runtime.block_on(demo(data, port)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("parley demo: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::Bench(options) => match runtime.block_on(parley::bench::run(options)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
@@ -145,4 +162,45 @@ async fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>, data: Option
     };
     parley::server::run(started.listener, started.app, shutdown).await;
     std::process::ExitCode::SUCCESS
+}
+
+/// `parley demo`: starts three instances sharing `data` and prints how to reach them.
+async fn demo(data: PathBuf, port: u16) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&data)?;
+    let agent = std::env::var("PARLEY_AGENT_TOKEN").unwrap_or_else(|_| parley::auth::new_token().0);
+    let admin = std::env::var("PARLEY_ADMIN_TOKEN").unwrap_or_else(|_| parley::auth::new_token().0);
+    let env = [("PARLEY_AGENT_TOKEN", agent.as_str()), ("PARLEY_ADMIN_TOKEN", admin.as_str())];
+    let mut instances = Vec::new();
+    for i in 0..3u16 {
+        let listen = format!("127.0.0.1:{}", port + i);
+        instances.push(parley::local::LocalInstance::start(&data, None, &listen, &env).await?);
+    }
+    println!("parley demo: an N+1 cluster of three instances sharing {}", data.display());
+    for (i, instance) in instances.iter().enumerate() {
+        println!("  instance {}  {}  http://{}  pid {}", i + 1, instance.id, instance.addr, instance.child.id().unwrap_or(0));
+    }
+    println!("  agent token: {agent}");
+    println!("  admin token: {admin}");
+    let first = &instances[0].addr;
+    println!("Try: curl -s -XPOST http://{first}/v1/chats -d '{{\"nickname\":\"Ann\"}}'");
+    println!("     then use the chat through any instance, kill -9 the pid of the one named in the parley-instance header, and go on.");
+    println!("Ctrl-C stops all three.");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut watch = tokio::time::interval(std::time::Duration::from_millis(500));
+    let mut exited = [false; 3];
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = watch.tick() => {
+                for (i, instance) in instances.iter_mut().enumerate() {
+                    if !exited[i] && let Ok(Some(status)) = instance.child.try_wait() {
+                        exited[i] = true;
+                        println!("instance {} ({}) exited ({status}); the other instances restore its chats", i + 1, instance.id);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }

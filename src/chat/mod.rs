@@ -396,7 +396,7 @@ impl Chats {
             if !deps.allowed_initiators.contains(&initiator) {
                 return Err(ChatError::RestoreNotAllowed(initiator_name(initiator)));
             }
-            match deps.intermediate.claim(chat_id, me, location.epoch, event::now_ms()).await.map_err(storage)? {
+            match deps.intermediate.claim(chat_id, me, location.epoch).await.map_err(storage)? {
                 ClaimOutcome::Claimed(epoch) => {
                     // Loaded again after the claim: from here on the old owner cannot add to it.
                     let t = deps.intermediate.load(chat_id).await.map_err(storage)?.ok_or_else(|| ChatError::NotFound(chat_id.to_string()))?;

@@ -495,6 +495,11 @@ impl<W: World> Instance<W> {
     }
 
     /// Instantiates now, so a deployment with a broken plugin fails at startup, not mid-chat.
+    /// Another instance of the same plugin with the same grants, instantiated on first use.
+    pub fn sibling(&self) -> Self {
+        Self { runtime: self.runtime.clone(), plugin: self.plugin.clone(), database: self.database.clone(), live: None }
+    }
+
     pub async fn warm_up(&mut self) -> Result<(), PluginFault> {
         if self.live.is_none() {
             self.live = Some(self.instantiate().await?);

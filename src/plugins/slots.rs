@@ -5,7 +5,7 @@
 
 use super::bindings::notices::{Audience, Notice};
 use super::bindings::policy::{Decision, ErrorKind, SaveFailure};
-use super::bindings::store::{ClaimOutcome, Location, Member};
+use super::bindings::store::{ClaimOutcome, ClaimRequest, Location, Member};
 use super::bindings::types::{ChatDelta, StoreError, Transcript};
 use super::bindings::{NoticeHandler, SaveErrorPolicy, TranscriptStore};
 use super::{Instance, PluginFault};
@@ -61,7 +61,7 @@ type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
 
 enum StoreJob {
     Save(ChatDelta, Reply<()>),
-    Claim { chat_id: String, owner: String, expected_epoch: u64, now_ms: u64, reply: Reply<ClaimOutcome> },
+    Claim { owner: String, request: ClaimRequest, reply: Reply<ClaimOutcome> },
     Load(String, Reply<Option<Transcript>>),
     Locate(String, Reply<Option<Location>>),
     RenewLease { instance_id: String, incarnation: String, address: String, now_ms: u64, ttl_ms: u64, reply: Reply<Vec<Member>> },
@@ -82,8 +82,18 @@ impl StoreSlot {
     /// `fence`: saves are refused while this instance's lease is not known to be live, so a
     /// stalled or cut-off instance stops writing before another one may take its chats.
     pub fn spawn(instance: Instance<TranscriptStore>, max_batch: usize, kpi: Arc<Kpi>, fence: Option<Arc<Lease>>) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
         let name = format!("parley-{}", instance.plugin.slot.name());
+        Self::spawn_named(name, instance, max_batch, kpi, fence)
+    }
+
+    /// A worker of its own for lease renewals, so they never queue behind a wave of saves,
+    /// claims and loads: a renewal that waits too long would fence the whole instance.
+    pub fn spawn_for_leases(instance: Instance<TranscriptStore>, kpi: Arc<Kpi>) -> Self {
+        Self::spawn_named("parley-lease".into(), instance, 1, kpi, None)
+    }
+
+    fn spawn_named(name: String, instance: Instance<TranscriptStore>, max_batch: usize, kpi: Arc<Kpi>, fence: Option<Arc<Lease>>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
         spawn_worker(name, move || run_store(instance, rx, max_batch, kpi, fence));
         Self { jobs: tx }
     }
@@ -104,8 +114,11 @@ impl StoreSlot {
         }
         rx
     }
-    pub async fn claim(&self, chat_id: &str, owner: &str, expected_epoch: u64, now_ms: u64) -> Result<ClaimOutcome, StorageError> {
-        self.ask(|reply| StoreJob::Claim { chat_id: chat_id.into(), owner: owner.into(), expected_epoch, now_ms, reply }).await
+    /// Claims a chat for `owner` (this instance); the worker batches the claims queued together
+    /// into one call, judged against the wall clock at that call.
+    pub async fn claim(&self, chat_id: &str, owner: &str, expected_epoch: u64) -> Result<ClaimOutcome, StorageError> {
+        let request = ClaimRequest { chat_id: chat_id.into(), expected_epoch };
+        self.ask(|reply| StoreJob::Claim { owner: owner.into(), request, reply }).await
     }
     pub async fn load(&self, chat_id: &str) -> Result<Option<Transcript>, StorageError> {
         self.ask(|r| StoreJob::Load(chat_id.into(), r)).await
@@ -148,6 +161,7 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
         let mut load_replies = Vec::new();
         let mut locate_ids = Vec::new();
         let mut locate_replies = Vec::new();
+        let mut claims: HashMap<String, (Vec<ClaimRequest>, Vec<Reply<ClaimOutcome>>)> = HashMap::new();
         let mut others = Vec::new();
         for job in jobs.drain(..) {
             match job {
@@ -162,6 +176,11 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
                 StoreJob::Locate(id, reply) => {
                     locate_ids.push(id);
                     locate_replies.push(reply);
+                }
+                StoreJob::Claim { owner, request, reply } => {
+                    let (requests, replies) = claims.entry(owner).or_default();
+                    requests.push(request);
+                    replies.push(reply);
                 }
                 other => others.push(other),
             }
@@ -190,6 +209,11 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
             }
             deltas.clear();
         }
+        for (owner, (requests, replies)) in claims {
+            let now = crate::chat::event::now_ms();
+            let result = instance.call(async |b, s| b.parley_plugin_store().call_claim(s, &owner, &requests, now).await).await;
+            answer("claim", replies, result);
+        }
         if !load_ids.is_empty() {
             let result = instance.call(async |b, s| b.parley_plugin_store().call_load(s, &load_ids).await).await;
             answer("load", load_replies, result);
@@ -200,11 +224,7 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
         }
         for job in others {
             match job {
-                StoreJob::Save(..) | StoreJob::Load(..) | StoreJob::Locate(..) => unreachable!("sorted into their batches above"),
-                StoreJob::Claim { chat_id, owner, expected_epoch, now_ms, reply } => {
-                    let r = instance.call(async |b, s| b.parley_plugin_store().call_claim(s, &chat_id, &owner, expected_epoch, now_ms).await).await;
-                    let _ = reply.send(flatten(r));
-                }
+                StoreJob::Save(..) | StoreJob::Load(..) | StoreJob::Locate(..) | StoreJob::Claim { .. } => unreachable!("sorted into their batches above"),
                 StoreJob::RenewLease { instance_id, incarnation, address, now_ms, ttl_ms, reply } => {
                     let r = instance
                         .call(async |b, s| b.parley_plugin_store().call_renew_lease(s, &instance_id, &incarnation, &address, now_ms, ttl_ms).await)

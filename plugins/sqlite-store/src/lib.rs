@@ -5,7 +5,7 @@ wit_bindgen::generate!({ world: "transcript-store", path: "../../wit" });
 
 mod tables;
 
-use exports::parley::plugin::store::{ChatDelta, ClaimOutcome, Guest, Location, Member, Settings, StoreError, Transcript};
+use exports::parley::plugin::store::{ChatDelta, ClaimOutcome, ClaimRequest, Guest, Location, Member, Settings, StoreError, Transcript};
 
 struct SqliteStore;
 
@@ -25,8 +25,8 @@ impl Guest for SqliteStore {
     fn locate(chat_ids: Vec<String>) -> Vec<Result<Option<Location>, StoreError>> {
         chat_ids.iter().map(|id| tables::locate(id)).collect()
     }
-    fn claim(chat_id: String, owner: String, expected_epoch: u64, now_ms: u64) -> Result<ClaimOutcome, StoreError> {
-        tables::claim(&chat_id, &owner, expected_epoch, now_ms)
+    fn claim(owner: String, requests: Vec<ClaimRequest>, now_ms: u64) -> Vec<Result<ClaimOutcome, StoreError>> {
+        tables::claim(&owner, &requests, now_ms)
     }
     fn load(chat_ids: Vec<String>) -> Vec<Result<Option<Transcript>, StoreError>> {
         chat_ids.iter().map(|id| tables::load(id)).collect()

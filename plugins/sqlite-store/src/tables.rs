@@ -1,7 +1,7 @@
 //! The SQL behind the SQLite store: schema, fenced group-commit saves, claims, loads.
 //! Shared as source with the faulty test store so both run exactly the same storage code.
 
-use crate::exports::parley::plugin::store::{ChatDelta, ClaimOutcome, Location, Member, Settings, StoreError, Transcript};
+use crate::exports::parley::plugin::store::{ChatDelta, ClaimOutcome, ClaimRequest, Location, Member, Settings, StoreError, Transcript};
 use crate::parley::plugin::sql::{self, SqlError, Statement, Value};
 use crate::parley::plugin::types::{ChatState, Event, EventKind};
 
@@ -154,30 +154,44 @@ pub fn locate(chat_id: &str) -> Result<Option<Location>, StoreError> {
     }))
 }
 
-pub fn claim(chat_id: &str, owner: &str, expected_epoch: u64, now_ms: u64) -> Result<ClaimOutcome, StoreError> {
-    let statement = Statement {
-        sql: CLAIM.to_string(),
-        rows: vec![vec![
-            Value::Text(chat_id.to_string()),
-            Value::Text(owner.to_string()),
-            Value::Integer(expected_epoch as i64),
-            Value::Integer(now_ms as i64),
-        ]],
+pub fn claim(owner: &str, requests: &[ClaimRequest], now_ms: u64) -> Vec<Result<ClaimOutcome, StoreError>> {
+    let rows = requests
+        .iter()
+        .map(|r| {
+            vec![
+                Value::Text(r.chat_id.clone()),
+                Value::Text(owner.to_string()),
+                Value::Integer(r.expected_epoch as i64),
+                Value::Integer(now_ms as i64),
+            ]
+        })
+        .collect();
+    let changed = match sql::transaction(&[Statement { sql: CLAIM.to_string(), rows }]) {
+        Ok(c) => c,
+        Err(e) => {
+            let e = store_error(e);
+            return requests.iter().map(|_| Err(e.clone())).collect();
+        }
     };
-    let changed = sql::transaction(&[statement]).map_err(store_error)?;
-    if changed[0][0] == 1 {
-        return Ok(ClaimOutcome::Claimed(expected_epoch + 1));
-    }
+    requests
+        .iter()
+        .zip(&changed[0])
+        .map(|(r, &n)| if n == 1 { Ok(ClaimOutcome::Claimed(r.expected_epoch + 1)) } else { refusal(r) })
+        .collect()
+}
+
+/// Why a claim changed nothing: the epoch moved on, or the owner's lease is live.
+fn refusal(r: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
     let rows = sql::query(
         "SELECT c.epoch, m.lease_expires_ms FROM chats c LEFT JOIN members m ON m.instance_id = c.owner
          WHERE c.chat_id = ?1",
-        &[Value::Text(chat_id.to_string())],
+        &[Value::Text(r.chat_id.clone())],
     )
     .map_err(store_error)?;
     match rows.first() {
-        None => Err(StoreError::Invalid(format!("no open chat {chat_id}"))),
-        Some(r) if int(&r[0]) != expected_epoch => Ok(ClaimOutcome::EpochMoved(int(&r[0]))),
-        Some(r) => Ok(ClaimOutcome::OwnerAlive(int(&r[1]))),
+        None => Err(StoreError::Invalid(format!("no open chat {}", r.chat_id))),
+        Some(row) if int(&row[0]) != r.expected_epoch => Ok(ClaimOutcome::EpochMoved(int(&row[0]))),
+        Some(row) => Ok(ClaimOutcome::OwnerAlive(int(&row[1]))),
     }
 }
 

@@ -4,16 +4,20 @@
 //! transcript exactly once. Without `--target` it starts its own instance on a fresh data
 //! directory, so one command measures the whole path.
 
+mod failover;
+
 use crate::client::Client;
+use crate::local::LocalInstance;
 use anyhow::{Context, bail};
 use serde_json::json;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncBufReadExt;
 
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Options {
+    #[command(subcommand)]
+    pub scenario: Option<Scenario>,
     /// Instance to drive (http://host:port); default: start one.
     #[arg(long)]
     pub target: Option<String>,
@@ -39,7 +43,16 @@ pub struct Options {
     pub synchronous: String,
 }
 
+#[derive(clap::Subcommand, Debug)]
+pub enum Scenario {
+    /// Failover time after kill -9 of one of three instances, and the time to restore a wave of chats.
+    Failover(failover::Options),
+}
+
 pub async fn run(o: Options) -> anyhow::Result<()> {
+    if let Some(Scenario::Failover(f)) = o.scenario {
+        return failover::run(f).await;
+    }
     let mut own_server = None;
     let (target, agent_token) = match &o.target {
         Some(t) => (t.clone(), o.agent_token.clone().or_else(|| std::env::var("PARLEY_AGENT_TOKEN").ok()).context("--agent-token or PARLEY_AGENT_TOKEN is required with --target")?),
@@ -160,23 +173,8 @@ async fn start_instance(synchronous: &str) -> anyhow::Result<(tokio::process::Ch
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("bench.toml");
     std::fs::write(&config, format!("[sqlite]\nsynchronous = \"{synchronous}\"\n"))?;
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.join("data"))
-        .arg("--config")
-        .arg(&config)
-        .env("PARLEY_AGENT_TOKEN", "bench-agent-token")
-        .env("PARLEY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
-    while let Some(line) = lines.next_line().await? {
-        if let Some(addr) = line.split("listening on ").nth(1) {
-            return Ok((child, addr.trim().to_string(), dir));
-        }
-    }
-    bail!("the bench instance exited before listening")
+    let instance = LocalInstance::start(&dir.join("data"), Some(&config), "127.0.0.1:0", &[("PARLEY_AGENT_TOKEN", "bench-agent-token")]).await?;
+    Ok((instance.child, instance.addr, dir))
 }
 
 /// Formats one message request; the same buffer is reused for every message of a chat.
