@@ -47,7 +47,8 @@ impl Lease {
         self.live_until_ns.store(until, Ordering::Release);
     }
 
-    fn end(&self) {
+    /// Stops writing at once (graceful stop).
+    pub fn end(&self) {
         self.live_until_ns.store(0, Ordering::Release);
     }
 }

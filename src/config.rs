@@ -39,6 +39,9 @@ pub struct ServerSection {
     pub listen: SocketAddr,
     pub data: PathBuf,
     pub instance_id: Option<String>,
+    /// On SIGTERM: how long a draining instance waits for its chats to end before it hands
+    /// the rest over to the other instances.
+    pub drain_deadline_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,7 +167,7 @@ fn default_deadline_ms() -> u64 {
 
 impl Default for ServerSection {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8080".parse().unwrap(), data: PathBuf::from("parley-data"), instance_id: None }
+        Self { listen: "127.0.0.1:8080".parse().unwrap(), data: PathBuf::from("parley-data"), instance_id: None, drain_deadline_ms: 30_000 }
     }
 }
 impl Default for TranscriptSection {

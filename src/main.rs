@@ -132,6 +132,7 @@ async fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>, data: Option
     if instance_id.is_some() {
         deployment.server.instance_id = instance_id;
     }
+    let drain_deadline_ms = deployment.server.drain_deadline_ms;
     let started = match parley::instance::start(deployment).await {
         Ok(s) => s,
         Err(e) => {
@@ -153,14 +154,26 @@ async fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>, data: Option
             }
         }
     });
-    let shutdown = async {
+    // Ctrl-C hands the chats over at once; SIGTERM (a rolling upgrade) drains first: no new
+    // chats, and up to server.drain_deadline_ms for the open ones to end.
+    let app = started.app.clone();
+    let drain_deadline = std::time::Duration::from_millis(drain_deadline_ms);
+    let shutdown = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = term.recv() => {
+                app.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(event_id = "instance.drain", "SIGTERM: draining; waiting for open chats to end");
+                let deadline = tokio::time::Instant::now() + drain_deadline;
+                while app.kpi.sessions_current.load(std::sync::atomic::Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
         }
     };
-    parley::server::run(started.listener, started.app, shutdown).await;
+    parley::server::run(started.listener, started.app.clone(), shutdown).await;
+    started.app.chats.hand_over().await;
     std::process::ExitCode::SUCCESS
 }
 

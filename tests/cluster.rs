@@ -261,3 +261,44 @@ async fn restore_settings_decide_who_may_bring_a_chat_back() {
     let r = customer.send("hello?", "c1").await;
     assert_eq!((r.status, r.error_code()), (410, Some("restore_disabled")), "{:?}", r.body);
 }
+
+/// SIGTERM: the instance drains (no new chats, open ones still served), then hands its chats
+/// over by giving its lease up; they continue on another instance within a second, although
+/// the lease would have lasted ten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_hands_the_chats_over_at_once() {
+    let data = Scratch::new("handoff");
+    let config = data.deployment("[server]\ndrain_deadline_ms = 800\n[cluster]\nlease_ms = 10000\nrenew_ms = 300\n");
+    let mut servers = cluster_of(2, &data, Some(&config));
+    let (mut customer, mut agent) = open_chat(&servers[0], "Ann").await;
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let r = customer.send(&format!("m{i}"), &format!("m{i}")).await;
+        acked.push((r.body["seq"].as_u64().unwrap(), format!("m{i}")));
+    }
+    let a = servers.remove(0);
+    a.terminate();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut probe = a.client();
+    assert_eq!(probe.get("/readyz", None).await.unwrap().status, 503, "a draining instance is not ready");
+    let r = probe.post("/v1/chats", None, json!({"nickname": "Late"})).await.unwrap();
+    assert_eq!((r.status, r.error_code()), (503, Some("draining")));
+    let r = customer.send("while draining", "d").await;
+    assert_eq!(r.status, 200, "open chats are still served while draining: {:?}", r.body);
+    acked.push((r.body["seq"].as_u64().unwrap(), "while draining".into()));
+
+    assert_eq!(a.exited().await, 0, "a clean exit after the handoff");
+    let handed_over = Instant::now();
+    let b = &servers[0];
+    customer.moved_to(b);
+    let r = customer.send("after", "x").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.instance.as_deref(), Some(b.id.as_str()));
+    assert!(handed_over.elapsed() < Duration::from_secs(1), "continued within a second: {:?}", handed_over.elapsed());
+    acked.push((r.body["seq"].as_u64().unwrap(), "after".into()));
+    agent.moved_to(b);
+    let t = agent.transcript().await;
+    assert_eq!(messages(&t), acked);
+    assert_dense(&t);
+    assert!(kinds(&t).contains(&"moved".to_string()), "{t}");
+}

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tracing::info;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,6 +309,8 @@ pub struct Chats {
     deps: Arc<Deps>,
     map: ChatMap,
     restoring: std::sync::Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
+    /// Set once this instance handed its chats over: it takes none back.
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Serialize)]
@@ -322,7 +325,7 @@ pub struct Waiting {
 
 impl Chats {
     pub fn new(deps: Deps) -> Self {
-        Self { deps: Arc::new(deps), map: Default::default(), restoring: Default::default() }
+        Self { deps: Arc::new(deps), map: Default::default(), restoring: Default::default(), handed_over: Default::default() }
     }
 
     pub fn deps(&self) -> &Deps {
@@ -365,6 +368,9 @@ impl Chats {
 
     async fn locate_or_restore(&self, chat_id: &str, requester: &Requester, forwarded: bool) -> Result<Whereabouts, ChatError> {
         let deps = &self.deps;
+        if self.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ChatError::Moved);
+        }
         // Each pass either ends or saw another instance's claim win the race: a few suffice.
         for _ in 0..4 {
             if let Some(h) = self.local(chat_id) {
@@ -433,6 +439,18 @@ impl Chats {
                 Ok(if p.role == Role::Agent { Initiator::Agent } else { Initiator::Customer })
             }
         }
+    }
+
+    /// Graceful stop: this instance stops writing, drops its chats and gives its lease up, so
+    /// the other instances restore them at once (no waiting for the lease to run out).
+    /// Senders whose messages were not saved yet get `chat_moved` and resend elsewhere.
+    pub async fn hand_over(&self) {
+        self.handed_over.store(true, std::sync::atomic::Ordering::Release);
+        let chats = self.map.read().unwrap().len();
+        self.deps.cluster.lease.end();
+        self.abandon_all();
+        self.deps.cluster.leave().await;
+        info!(event_id = "instance.handed_over", chats, "handed the remaining chats over to the other instances");
     }
 
     /// Drops every chat at once, writing nothing more: this instance lost its lease, so

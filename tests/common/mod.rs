@@ -100,6 +100,17 @@ impl Server {
         self.signal("-STOP");
     }
 
+    /// SIGTERM: drain, then hand the remaining chats over and exit.
+    pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Waits for the process to exit by itself; its exit code.
+    pub async fn exited(mut self) -> i32 {
+        let status = tokio::task::spawn_blocking(move || self.child.wait().unwrap()).await.unwrap();
+        status.code().unwrap_or(-1)
+    }
+
     /// SIGCONT.
     pub fn resume(&self) {
         self.signal("-CONT");
