@@ -302,3 +302,69 @@ async fn sigterm_drains_then_hands_the_chats_over_at_once() {
     assert_dense(&t);
     assert!(kinds(&t).contains(&"moved".to_string()), "{t}");
 }
+
+/// `parley demo`: three instances that form one cluster, their addresses printed; SIGTERM
+/// stops all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_a_three_instance_cluster() {
+    use std::io::{BufRead, BufReader};
+    let data = Scratch::new("demo");
+    let port = (0..50)
+        .map(|_| 20_000 + (rand::random::<u16>() % 40_000))
+        .find(|p| (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()))
+        .expect("three free ports in a row");
+    struct Demo(std::process::Child);
+    impl Drop for Demo {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["demo", "--port", &port.to_string(), "--data"])
+        .arg(data.path().join("demo"))
+        .env("PARLEY_AGENT_TOKEN", AGENT)
+        .env("PARLEY_ADMIN_TOKEN", ADMIN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut demo = Demo(demo);
+    let mut addrs = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.trim_start().starts_with("instance")
+            && let Some(a) = line.split("http://").nth(1)
+        {
+            addrs.push(a.split_whitespace().next().unwrap().to_string());
+        }
+        if line.starts_with("Ctrl-C") {
+            break;
+        }
+    }
+    assert_eq!(addrs, (0..3).map(|i| format!("127.0.0.1:{}", port + i)).collect::<Vec<_>>());
+
+    let mut first = Client::new(&addrs[0]);
+    let created = first.post("/v1/chats", None, json!({"nickname": "Ann"})).await.unwrap().ok().unwrap();
+    let (chat_id, token) = (created["chat_id"].as_str().unwrap(), created["token"].as_str().unwrap());
+    let t = Client::new(&addrs[2]).get(&format!("/v1/chats/{chat_id}/transcript"), Some(token)).await.unwrap();
+    assert_eq!(t.status, 200, "the third instance answers for the first one's chat: {:?}", t.body);
+    // Each instance refreshes its view of the members at every renewal.
+    let mut members = Value::Null;
+    for _ in 0..20 {
+        members = Client::new(&addrs[0]).get("/v1/cluster", Some(ADMIN)).await.unwrap().ok().unwrap();
+        if members["members"].as_array().unwrap().iter().filter(|m| m["live"] == true).count() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(members["members"].as_array().unwrap().iter().filter(|m| m["live"] == true).count(), 3, "{members}");
+
+    assert!(std::process::Command::new("kill").arg("-TERM").arg(demo.0.id().to_string()).status().unwrap().success());
+    assert!(demo.0.wait().unwrap().success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for a in &addrs {
+        assert!(std::net::TcpStream::connect(a).is_err(), "{a} stopped with the demo");
+    }
+}
