@@ -32,13 +32,13 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
     let data = &deployment.server.data;
     std::fs::create_dir_all(data).map_err(|e| StartError::Other(format!("data directory {}: {e}", data.display())))?;
     let instance_id: Arc<str> = deployment.server.instance_id.clone().unwrap_or_else(|| format!("i-{}", &auth::new_id()[..8])).into();
-    let runtime = Runtime::new(data.join("plugin-cache")).map_err(|e| StartError::Other(format!("plugin runtime: {e:#}")))?;
+    let kpi = Arc::new(Kpi::default());
+    let runtime = Runtime::new(data.join("plugin-cache"), kpi.clone()).map_err(|e| StartError::Other(format!("plugin runtime: {e:#}")))?;
     let database = DatabaseFile {
         path: data.join("parley.db"),
         synchronous: deployment.sqlite.synchronous,
         busy_timeout: Duration::from_millis(deployment.sqlite.busy_timeout_ms),
     };
-    let kpi = Arc::new(Kpi::default());
 
     let (intermediate, final_store, policy, notices) = load_slots(&runtime, &deployment, &database).await?;
     let lease = Arc::new(Lease::new());

@@ -4,10 +4,39 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-/// Upper bounds (microseconds) of the save-latency histogram buckets.
-const SAVE_BUCKETS_US: [u64; 10] = [250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 1_000_000];
+/// Upper bounds (microseconds) of the latency histogram buckets: from a cheap plugin call
+/// (a few µs) to a slow group commit.
+const BUCKETS_US: [u64; 14] = [5, 10, 25, 50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000, 1_000_000];
 
+/// A Prometheus latency histogram, updated without locks.
 #[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record(&self, took: Duration) {
+        let us = took.as_micros() as u64;
+        self.sum_us.fetch_add(us, Relaxed);
+        let bucket = BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(BUCKETS_US.len());
+        self.counts[bucket].fetch_add(1, Relaxed);
+    }
+
+    fn write(&self, out: &mut String, name: &str, labels: &str) {
+        use std::fmt::Write;
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS_US.iter().enumerate() {
+            cumulative += self.counts[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+        }
+        cumulative += self.counts[BUCKETS_US.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
 pub struct Kpi {
     pub session_created: AtomicU64,
     pub session_closed: AtomicU64,
@@ -25,18 +54,56 @@ pub struct Kpi {
     pub requests_proxied: AtomicU64,
     pub lease_renewals: AtomicU64,
     pub lease_renewal_failures: AtomicU64,
-    save_latency: [AtomicU64; SAVE_BUCKETS_US.len() + 1],
-    save_latency_sum_us: AtomicU64,
+    save_latency: Histogram,
+    /// Latency of every plugin call, per slot (intermediate, final, save-error-policy, notice-handler).
+    pub plugin_calls: [Histogram; 4],
+    /// Whether the intermediate store answered its last call (0 after an `unavailable`).
+    storage_available: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Kpi {
+    fn default() -> Self {
+        Self {
+            session_created: Default::default(),
+            session_closed: Default::default(),
+            session_restored: Default::default(),
+            sessions_current: Default::default(),
+            messages_saved: Default::default(),
+            events_saved: Default::default(),
+            save_batches: Default::default(),
+            save_failures: Default::default(),
+            writes_fenced: Default::default(),
+            chats_purged: Default::default(),
+            requests_proxied: Default::default(),
+            lease_renewals: Default::default(),
+            lease_renewal_failures: Default::default(),
+            save_latency: Default::default(),
+            plugin_calls: Default::default(),
+            storage_available: true.into(),
+        }
+    }
 }
 
 impl Kpi {
     pub fn record_save_batch(&self, events: usize, took: Duration) {
         self.save_batches.fetch_add(1, Relaxed);
         self.events_saved.fetch_add(events as u64, Relaxed);
-        let us = took.as_micros() as u64;
-        self.save_latency_sum_us.fetch_add(us, Relaxed);
-        let bucket = SAVE_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(SAVE_BUCKETS_US.len());
-        self.save_latency[bucket].fetch_add(1, Relaxed);
+        self.save_latency.record(took);
+    }
+
+    /// Records whether the intermediate store could be reached; logs each change with a
+    /// stable event id (the reference's alarms 59520 / 59521).
+    pub fn storage_reached(&self, reached: bool, cause: &str) {
+        let was = self.storage_available.swap(reached, Relaxed);
+        if was && !reached {
+            tracing::error!(event_id = "storage.unavailable", cause, "the transcript store is unavailable");
+        } else if !was && reached {
+            tracing::info!(event_id = "storage.available", "the transcript store is available again");
+        }
+    }
+
+    pub fn storage_available(&self) -> bool {
+        self.storage_available.load(Relaxed)
     }
 
     pub fn chat_opened(&self, restored: bool) {
@@ -70,6 +137,7 @@ impl Kpi {
             "requests_proxied": self.requests_proxied.load(Relaxed),
             "lease_renewals": self.lease_renewals.load(Relaxed),
             "lease_renewal_failures": self.lease_renewal_failures.load(Relaxed),
+            "storage_available": self.storage_available(),
         })
     }
 
@@ -97,16 +165,17 @@ impl Kpi {
             "# HELP parley_sessions_current Open chats owned by this instance.\n# TYPE parley_sessions_current gauge\nparley_sessions_current{{instance=\"{instance}\"}} {}",
             self.sessions_current.load(Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP parley_storage_available 1 while the transcript store answers, 0 after it reported itself unavailable.\n# TYPE parley_storage_available gauge\nparley_storage_available{{instance=\"{instance}\"}} {}",
+            u8::from(self.storage_available())
+        );
         let _ = writeln!(out, "# HELP parley_save_batch_seconds Latency of one group-commit store call.\n# TYPE parley_save_batch_seconds histogram");
-        let mut cumulative = 0;
-        for (i, bound) in SAVE_BUCKETS_US.iter().enumerate() {
-            cumulative += self.save_latency[i].load(Relaxed);
-            let _ = writeln!(out, "parley_save_batch_seconds_bucket{{instance=\"{instance}\",le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+        self.save_latency.write(&mut out, "parley_save_batch_seconds", &format!("instance=\"{instance}\""));
+        let _ = writeln!(out, "# HELP parley_plugin_call_seconds Latency of one call into a plugin, per slot.\n# TYPE parley_plugin_call_seconds histogram");
+        for (slot, h) in crate::plugins::Slot::ALL.iter().zip(&self.plugin_calls) {
+            h.write(&mut out, "parley_plugin_call_seconds", &format!("instance=\"{instance}\",slot=\"{}\"", slot.name()));
         }
-        cumulative += self.save_latency[SAVE_BUCKETS_US.len()].load(Relaxed);
-        let _ = writeln!(out, "parley_save_batch_seconds_bucket{{instance=\"{instance}\",le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(out, "parley_save_batch_seconds_sum{{instance=\"{instance}\"}} {}", self.save_latency_sum_us.load(Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "parley_save_batch_seconds_count{{instance=\"{instance}\"}} {cumulative}");
         out
     }
 }

@@ -435,3 +435,42 @@ async fn a_rolling_upgrade_under_load_loses_nothing() {
     }
     assert_eq!(current, 30);
 }
+
+/// `GET /metrics` in Prometheus text format: chats, messages, save and plugin call latency,
+/// restores, lease renewals, proxied requests and storage availability.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_what_operators_watch() {
+    use std::io::{Read, Write};
+    let data = Scratch::new("metrics");
+    let servers = cluster_of(2, &data, None);
+    let (mut customer, _agent) = open_chat(&servers[0], "Ann").await;
+    customer.moved_to(&servers[1]);
+    for i in 0..3 {
+        assert_eq!(customer.send(&format!("m{i}"), &format!("m{i}")).await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let scrape = |addr: &str| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    let (owner, other) = (scrape(&servers[0].addr), scrape(&servers[1].addr));
+    let (a, b) = (&servers[0].id, &servers[1].id);
+    for line in [
+        format!("parley_messages_saved_total{{instance=\"{a}\"}} 3"),
+        format!("parley_sessions_current{{instance=\"{a}\"}} 1"),
+        format!("parley_storage_available{{instance=\"{a}\"}} 1"),
+        format!("parley_sessions_restored_total{{instance=\"{a}\"}} 0"),
+    ] {
+        assert!(owner.contains(&line), "missing {line:?} in\n{owner}");
+    }
+    assert!(other.contains(&format!("parley_requests_proxied_total{{instance=\"{b}\"}} 3")), "{other}");
+    let count = |text: &str, prefix: &str| -> u64 {
+        text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    assert!(count(&owner, &format!("parley_plugin_call_seconds_count{{instance=\"{a}\",slot=\"intermediate\"}}")) >= 3, "{owner}");
+    assert!(count(&owner, &format!("parley_save_batch_seconds_count{{instance=\"{a}\"}}")) >= 3, "{owner}");
+    assert!(count(&owner, &format!("parley_lease_renewals_total{{instance=\"{a}\"}}")) >= 2, "{owner}");
+}

@@ -87,9 +87,16 @@ async fn continue_policy_refuses_the_message_and_keeps_the_chat() {
     assert_eq!(customer.send("one", "c1").await.body["seq"], 3);
     let r = customer.send("!fail", "c2").await;
     assert_eq!((r.status, r.error_code()), (503, Some("not_saved")));
+    // The store said `unavailable`: readiness and the metric show it until a save succeeds.
+    let mut probe = server.client();
+    let ready = probe.get("/readyz", None).await.unwrap();
+    assert_eq!((ready.status, ready.error_code()), (503, Some("storage_unavailable")));
+    assert_eq!(server.kpi().await["storage_available"], false);
     // The chat goes on; the refused message never took a seq, and resending works.
     let r = customer.send("two", "c3").await;
     assert_eq!((r.status, r.body["seq"].as_u64()), (200, Some(4)));
+    assert_eq!(probe.get("/readyz", None).await.unwrap().status, 200, "storage answers again");
+    assert_eq!(server.kpi().await["storage_available"], true);
     let texts: Vec<String> = messages(&agent.transcript().await).into_iter().map(|(_, t)| t).collect();
     assert_eq!(texts, vec!["one", "two"]);
     let r = agent.client.post(&format!("/v1/chats/{}/typing", agent.chat_id), Some(&agent.token), json!({"typing": false})).await.unwrap();

@@ -151,13 +151,15 @@ pub struct Plugin {
 pub struct Runtime {
     engine: Engine,
     cache_dir: PathBuf,
+    /// Where call latencies go.
+    kpi: Arc<crate::kpi::Kpi>,
     store_linker: Linker<PluginState>,
     policy_linker: Linker<PluginState>,
     notice_linker: Linker<PluginState>,
 }
 
 impl Runtime {
-    pub fn new(cache_dir: PathBuf) -> anyhow::Result<Arc<Self>> {
+    pub fn new(cache_dir: PathBuf, kpi: Arc<crate::kpi::Kpi>) -> anyhow::Result<Arc<Self>> {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(64)
             .total_core_instances(512)
@@ -186,7 +188,7 @@ impl Runtime {
         let store_linker = linker::<TranscriptStore>(&engine)?;
         let policy_linker = linker::<SaveErrorPolicy>(&engine)?;
         let notice_linker = linker::<NoticeHandler>(&engine)?;
-        Ok(Arc::new(Self { engine, cache_dir, store_linker, policy_linker, notice_linker }))
+        Ok(Arc::new(Self { engine, cache_dir, kpi, store_linker, policy_linker, notice_linker }))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -512,7 +514,11 @@ impl<W: World> Instance<W> {
         self.warm_up().await?;
         let (store, bindings) = self.live.as_mut().expect("instantiated above");
         store.set_epoch_deadline(self.plugin.deadline_ms / EPOCH_TICK.as_millis() as u64 + 1);
-        match f(bindings, store).await {
+        let started = std::time::Instant::now();
+        let result = f(bindings, store).await;
+        let slot = Slot::ALL.iter().position(|s| *s == self.plugin.slot).expect("a known slot");
+        self.runtime.kpi.plugin_calls[slot].record(started.elapsed());
+        match result {
             Ok(r) => Ok(r),
             Err(e) => {
                 let (store, _) = self.live.take().expect("instantiated above");

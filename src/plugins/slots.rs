@@ -152,6 +152,8 @@ impl StoreSlot {
 }
 
 async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::UnboundedReceiver<StoreJob>, max_batch: usize, kpi: Arc<Kpi>, fence: Option<Arc<Lease>>) {
+    // The intermediate store's answers (and its lease renewals) tell whether storage is up.
+    let watches_storage = instance.plugin.slot == super::Slot::Intermediate;
     let mut jobs = Vec::with_capacity(max_batch);
     let mut deltas = Vec::with_capacity(max_batch);
     let mut replies = Vec::with_capacity(max_batch);
@@ -196,6 +198,15 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
             let started = Instant::now();
             let result = instance.call(async |b, s| b.parley_plugin_store().call_save(s, &deltas).await).await;
             kpi.record_save_batch(deltas.iter().map(|d| d.events.len()).sum(), started.elapsed());
+            if let (true, Ok(results)) = (watches_storage, &result) {
+                match results.iter().find_map(|r| match r {
+                    Err(StoreError::Unavailable(m)) => Some(m),
+                    _ => None,
+                }) {
+                    Some(cause) => kpi.storage_reached(false, cause),
+                    None => kpi.storage_reached(true, ""),
+                }
+            }
             if result.is_err() && deltas.len() > 1 {
                 // One chat's delta may have made the plugin trap, loop or blow its memory:
                 // resend each alone so only that chat's save fails.
@@ -229,6 +240,11 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
                     let r = instance
                         .call(async |b, s| b.parley_plugin_store().call_renew_lease(s, &instance_id, &incarnation, &address, now_ms, ttl_ms).await)
                         .await;
+                    match &r {
+                        Ok(Err(StoreError::Unavailable(cause))) => kpi.storage_reached(false, cause),
+                        Ok(Ok(_)) => kpi.storage_reached(true, ""),
+                        _ => {}
+                    }
                     let _ = reply.send(flatten(r));
                 }
                 StoreJob::ReleaseLease { instance_id, incarnation, reply } => {

@@ -260,6 +260,9 @@ fn readyz(app: &App) -> Reply {
     if app.draining.load(Ordering::Relaxed) {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this instance is draining and takes no new chats"));
     }
+    if !app.kpi.storage_available() {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", "the transcript store is unavailable"));
+    }
     json(StatusCode::OK, serde_json::json!({"status": "ready"}))
 }
 
