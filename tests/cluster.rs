@@ -474,3 +474,43 @@ async fn metrics_show_what_operators_watch() {
     assert!(count(&owner, &format!("parley_save_batch_seconds_count{{instance=\"{a}\"}}")) >= 3, "{owner}");
     assert!(count(&owner, &format!("parley_lease_renewals_total{{instance=\"{a}\"}}")) >= 2, "{owner}");
 }
+
+/// `--log-json`: one JSON object per line, and the events operators alert on carry stable
+/// event ids (chat created / deleted with the session count, restore, purge, lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_lines_with_stable_event_ids() {
+    use std::io::{BufRead, BufReader};
+    let data = Scratch::new("logs");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-json", "--data"])
+        .arg(data.path())
+        .env("PARLEY_AGENT_TOKEN", AGENT)
+        .env("PARLEY_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+    let addr = line.split("http://").nth(1).unwrap().trim().to_string();
+    let mut c = Client::new(&addr);
+    let created = c.post("/v1/chats", None, json!({"nickname": "Ann"})).await.unwrap().ok().unwrap();
+    let chat_id = created["chat_id"].as_str().unwrap();
+    let joined = c.post(&format!("/v1/chats/{chat_id}/join"), Some(AGENT), json!({})).await.unwrap().ok().unwrap();
+    c.post(&format!("/v1/chats/{chat_id}/close"), joined["token"].as_str(), json!({})).await.unwrap().ok().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut events = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        if let Some(id) = v["fields"]["event_id"].as_str() {
+            events.push((id.to_string(), v["fields"].clone()));
+        }
+    }
+    let find = |id: &str| events.iter().find(|(e, _)| e == id).map(|(_, f)| f.clone()).unwrap_or_else(|| panic!("no {id} event in {events:?}"));
+    find("lease.held");
+    find("cluster.joined");
+    assert_eq!(find("chat.created")["sessions_current"], 1);
+    assert_eq!(find("chat.deleted")["sessions_current"], 0);
+    assert_eq!(find("chat.created")["chat_id"], chat_id);
+}
