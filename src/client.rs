@@ -145,6 +145,36 @@ impl FailoverClient {
         &self.instances[self.current]
     }
 
+    /// Moves to the first instance whose `/readyz` answers 200 (taking new chats), starting
+    /// from the current one; stays put if none does.
+    pub async fn pick_ready(&mut self) -> Option<&str> {
+        for k in 0..self.instances.len() {
+            let i = (self.current + k) % self.instances.len();
+            let mut probe = Client::new(&self.instances[i]);
+            probe.timeout = Duration::from_secs(2);
+            if matches!(probe.get("/readyz", None).await, Ok(r) if r.status == 200) {
+                if i != self.current {
+                    self.current = i;
+                    self.client = probe;
+                }
+                return Some(&self.instances[i]);
+            }
+        }
+        None
+    }
+
+    /// One long poll for a chat's events after `*after`, on whichever instance answers; moves
+    /// `*after` to the answer's `next`, so the following poll (on this or another instance)
+    /// resumes exactly after the last event seen.
+    pub async fn poll_events(&mut self, chat_id: &str, token: &str, after: &mut u64, wait_ms: u64) -> Result<Vec<Value>, ClientError> {
+        let path = format!("/v1/chats/{chat_id}/events?after={after}&wait_ms={wait_ms}");
+        let body = self.get(&path, Some(token)).await?.ok()?;
+        if let Some(next) = body["next"].as_u64() {
+            *after = next;
+        }
+        Ok(body["events"].as_array().cloned().unwrap_or_default())
+    }
+
     pub async fn call(&mut self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Result<Reply, ClientError> {
         let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let started = std::time::Instant::now();

@@ -90,6 +90,18 @@ async fn the_reference_guide_test_three_instances_and_kill_9_of_the_owner() {
     assert_eq!(r.instance.as_deref(), Some(new_owner.as_str()));
     acked.push((r.body["seq"].as_u64().unwrap(), "yes".into()));
 
+    // The agent's event stream, followed with the failover client from where it stood before
+    // the kill, resumes after the last seq it saw: the move, the reconnects, the new messages.
+    let mut follower = FailoverClient::new(&[servers[1].addr.clone(), servers[0].addr.clone()]);
+    let mut after = acked[9].0;
+    let mut followed = Vec::new();
+    while followed.iter().filter(|e: &&Value| e["kind"] == "message").count() < 2 {
+        followed.extend(follower.poll_events(&chat_id, &agent_token, &mut after, 2000).await.unwrap());
+    }
+    let followed_kinds: Vec<&str> = followed.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(followed_kinds.starts_with(&["moved"]), "{followed_kinds:?}");
+    assert_eq!(followed.iter().filter(|e| e["kind"] == "message").map(|e| e["text"].as_str().unwrap()).collect::<Vec<_>>(), ["still there?", "yes"]);
+
     // Both see the same transcript, through different instances: every acknowledged message
     // once and in order, the move to the new owner, and each participant's reconnect once.
     let (b, c) = (&servers[0], &servers[1]);
@@ -281,6 +293,8 @@ async fn sigterm_drains_then_hands_the_chats_over_at_once() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut probe = a.client();
     assert_eq!(probe.get("/readyz", None).await.unwrap().status, 503, "a draining instance is not ready");
+    let mut newcomer = FailoverClient::new(&[a.addr.clone(), servers[0].addr.clone()]);
+    assert_eq!(newcomer.pick_ready().await, Some(servers[0].addr.as_str()), "a new client picks a ready instance");
     let r = probe.post("/v1/chats", None, json!({"nickname": "Late"})).await.unwrap();
     assert_eq!((r.status, r.error_code()), (503, Some("draining")));
     let r = customer.send("while draining", "d").await;
