@@ -58,6 +58,13 @@ enum Command {
 enum PluginCommand {
     /// Show a component's Parley world, WIT version, exports and the imports it asks for.
     Inspect { file: PathBuf },
+    /// Run a save-error-policy or notice-handler plugin in the sandbox against a scenario
+    /// file; prints each step and a summary, exits 1 if a step fails.
+    Test {
+        file: PathBuf,
+        #[arg(long)]
+        scenario: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -91,6 +98,19 @@ fn main() -> std::process::ExitCode {
                 }
                 Err(problem) => {
                     eprintln!("parley plugin inspect: {shown}: {problem}");
+                    std::process::ExitCode::from(2)
+                }
+            }
+        }
+        Command::Plugin(PluginCommand::Test { file, scenario }) => {
+            init_logging(false);
+            match runtime.block_on(plugin_test(&file, &scenario)) {
+                Ok((report, passed)) => {
+                    print!("{report}");
+                    if passed { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
+                }
+                Err(problem) => {
+                    eprintln!("parley plugin test: {problem}");
                     std::process::ExitCode::from(2)
                 }
             }
@@ -216,4 +236,11 @@ async fn demo(data: PathBuf, port: u16) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn plugin_test(file: &std::path::Path, scenario: &std::path::Path) -> Result<(String, bool), String> {
+    // Compiled components are cached between runs: a Python or JavaScript one takes seconds.
+    let cache = std::env::temp_dir().join("parley-plugin-test-cache");
+    let runtime = parley::plugins::Runtime::new(cache, Default::default()).map_err(|e| format!("plugin runtime: {e:#}"))?;
+    parley::plugins::scenario::run(&runtime, file, scenario).await
 }

@@ -6,6 +6,7 @@ pub mod bindings;
 pub mod builtin;
 pub mod host;
 pub mod inspect;
+pub mod scenario;
 pub mod slots;
 
 use crate::config::{Deployment, PluginSection};
