@@ -5,6 +5,7 @@
 //! directory, so one command measures the whole path.
 
 mod failover;
+mod plugins;
 
 use crate::client::Client;
 use crate::local::LocalInstance;
@@ -47,11 +48,16 @@ pub struct Options {
 pub enum Scenario {
     /// Failover time after kill -9 of one of three instances, and the time to restore a wave of chats.
     Failover(failover::Options),
+    /// The cost of a call into a plugin (Rust, and any policy components given), of a batch,
+    /// of instantiation, and of one store group commit.
+    Plugins(plugins::Options),
 }
 
 pub async fn run(o: Options) -> anyhow::Result<()> {
-    if let Some(Scenario::Failover(f)) = o.scenario {
-        return failover::run(f).await;
+    match o.scenario {
+        Some(Scenario::Failover(f)) => return failover::run(f).await,
+        Some(Scenario::Plugins(p)) => return plugins::run(p).await,
+        None => {}
     }
     let mut own_server = None;
     let (target, agent_token) = match &o.target {
