@@ -154,6 +154,9 @@ pub struct PluginSection {
     pub memory_mb: u64,
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u64,
+    /// With the "http" grant: the host:port pairs the plugin may post to (none by default).
+    #[serde(default)]
+    pub http_hosts: Vec<String>,
     #[serde(default)]
     pub settings: BTreeMap<String, toml::Value>,
 }

@@ -528,3 +528,63 @@ async fn logs_are_json_lines_with_stable_event_ids() {
     assert_eq!(find("chat.deleted")["sessions_current"], 0);
     assert_eq!(find("chat.created")["chat_id"], chat_id);
 }
+
+/// The default notice plugin posts chat closes and moves to a webhook, through the `http`
+/// capability limited to the hosts the deployment lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closes_and_moves_reach_the_webhook() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook = listener.local_addr().unwrap().to_string();
+    let received = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let sink = received.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; length];
+            if length == 0 || reader.read_exact(&mut body).is_err() {
+                continue; // a sender that died mid-request
+            }
+            sink.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+            let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
+        }
+    });
+    let data = Scratch::new("webhook");
+    let config = data.deployment(&format!(
+        "[plugins.notice-handler]\nfile = \"builtin:default-notices\"\ngrants = [\"log\", \"clock\", \"http\"]\nhttp_hosts = [\"{hook}\"]\nsettings = {{ webhook_url = \"http://{hook}/parley\" }}\n"
+    ));
+    let mut servers = cluster_of(2, &data, Some(&config));
+    let (_c1, mut a1) = open_chat(&servers[0], "Ann").await;
+    let (mut c2, _a2) = open_chat(&servers[0], "Bob").await;
+    let r = a1.client.post(&format!("/v1/chats/{}/close", a1.chat_id), Some(&a1.token), json!({"reason": "solved"})).await.unwrap();
+    assert_eq!(r.status, 200);
+    let wait_for = |n: usize| {
+        let received = received.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while received.lock().unwrap().len() < n && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    // The notice is posted after the close is answered: wait for it before the kill.
+    wait_for(1).await;
+    servers.remove(0).kill9();
+    c2.moved_to(&servers[0]);
+    assert_eq!(c2.send("hello again", "h1").await.status, 200);
+    wait_for(2).await;
+    let got = received.lock().unwrap().clone();
+    assert!(got.contains(&json!({"chat_id": a1.chat_id, "kind": "chat-closed", "detail": "solved"})), "{got:?}");
+    assert!(got.contains(&json!({"chat_id": c2.chat_id, "kind": "chat-moved", "detail": servers[0].id})), "{got:?}");
+}

@@ -37,3 +37,26 @@ fn inspect_refuses_what_is_not_a_component() {
     assert_eq!(code, 2);
     assert!(err.contains("cannot read the component"), "{err}");
 }
+
+/// Every scenario shipped with the default plugins passes with `parley plugin test`.
+#[test]
+fn shipped_scenarios_pass() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (plugin, dir) in [("default_policy.wasm", "plugins/default-policy/scenarios"), ("default_notices.wasm", "plugins/default-notices/scenarios")] {
+        let mut ran = 0;
+        for entry in std::fs::read_dir(repo.join(dir)).unwrap() {
+            let scenario = entry.unwrap().path();
+            let out = Command::new(env!("CARGO_BIN_EXE_parley"))
+                .args(["plugin", "test", &format!("{PLUGIN_DIR}/{plugin}"), "--scenario"])
+                .arg(&scenario)
+                .env("PARLEY_LOG", "error")
+                .output()
+                .unwrap();
+            let report = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{}:\n{report}", scenario.display());
+            assert!(report.contains(" 0 failed") && !report.contains("FAIL"), "{report}");
+            ran += 1;
+        }
+        assert!(ran >= 2, "scenarios ship in {dir}");
+    }
+}

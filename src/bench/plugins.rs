@@ -102,7 +102,7 @@ fn section(file: &str) -> PluginSection {
     } else {
         Default::default()
     };
-    PluginSection { file: file.to_string(), grants: None, memory_mb: 64, deadline_ms: 2000, settings }
+    PluginSection { file: file.to_string(), grants: None, memory_mb: 64, deadline_ms: 2000, http_hosts: Vec::new(), settings }
 }
 
 fn failure(i: usize) -> SaveFailure {

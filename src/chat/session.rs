@@ -98,7 +98,9 @@ pub(super) fn restore(deps: Arc<Deps>, map: ChatMap, t: Transcript, epoch: u64, 
     info!(event_id = "chat.restored", chat_id = %session.shared.id, epoch, previous_owner, "chat restored from storage");
     if previous_owner != &*session.deps.instance_id {
         let here = session.deps.instance_id.to_string();
-        session.append(Kind::Moved, &"".into(), &"".into(), here, None, None);
+        session.append(Kind::Moved, &"".into(), &"".into(), here.clone(), None, None);
+        // The reference's "location changed" for outside systems (e.g. a webhook).
+        session.raise(NoticeKind::ChatMoved, None, here);
     }
     Ok(session.spawn())
 }
@@ -495,6 +497,8 @@ impl Session {
             }
         }
         self.deps.kpi.chat_ended(true);
+        let reason = self.shared.full_transcript().iter().rev().find(|e| e.kind == Kind::Closed).map(|e| e.text.clone()).unwrap_or_default();
+        self.raise(NoticeKind::ChatClosed, None, reason);
         info!(event_id = "chat.deleted", chat_id = %self.shared.id, sessions_current = self.deps.kpi.sessions_current.load(std::sync::atomic::Ordering::Relaxed), "chat closed");
         for closer in self.closing.drain(..) {
             let _ = closer.send(result.clone());

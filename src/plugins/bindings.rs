@@ -41,6 +41,7 @@ pub use policy_world::SaveErrorPolicy;
 pub use policy_world::exports::parley::plugin::policy;
 pub use store_world::TranscriptStore;
 pub use store_world::exports::parley::plugin::store;
+pub use notice_world::parley::plugin::http;
 pub use store_world::parley::plugin::{clock, log, sql, types};
 
 /// The WIT package version this host speaks.

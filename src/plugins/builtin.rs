@@ -35,6 +35,7 @@ pub fn default_section(slot: Slot) -> PluginSection {
         grants: None,
         memory_mb: 64,
         deadline_ms: 2000,
+        http_hosts: Vec::new(),
         settings: Default::default(),
     }
 }
@@ -43,6 +44,8 @@ pub fn default_section(slot: Slot) -> PluginSection {
 pub fn default_grants(world: WorldKind) -> Vec<Grant> {
     match world {
         WorldKind::Store => vec![Grant::Sql, Grant::Log, Grant::Clock],
-        WorldKind::Policy | WorldKind::Notices => vec![Grant::Log, Grant::Clock],
+        WorldKind::Policy => vec![Grant::Log, Grant::Clock],
+        // The notice handler may post webhooks, but only to the hosts a deployment lists.
+        WorldKind::Notices => vec![Grant::Log, Grant::Clock, Grant::Http],
     }
 }

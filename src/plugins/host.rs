@@ -2,7 +2,7 @@
 //! they run against. A capability the deployment did not grant is absent from the state, and
 //! the loader refuses a component that imports it.
 
-use super::bindings::{clock, log, sql};
+use super::bindings::{clock, http, log, sql};
 use crate::storage::sqlite::Database;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +18,8 @@ pub struct PluginState {
     pub table: ResourceTable,
     pub memory: MemoryLimit,
     pub sql: Option<Database>,
+    /// With the http grant: the host:port pairs it may reach.
+    pub http_hosts: Option<Vec<String>>,
     pub started: Instant,
 }
 
@@ -85,3 +87,32 @@ impl sql::Host for PluginState {
 }
 
 impl super::bindings::types::Host for PluginState {}
+
+impl http::Host for PluginState {
+    /// A plain HTTP/1.1 POST on a fresh connection with short timeouts: notice webhooks are
+    /// rare, and a slow receiver must not hold the notice worker (the plugin's deadline is
+    /// the outer bound).
+    #[tracing::instrument(name = "plugin.http.post", skip_all, fields(plugin = %self.label))]
+    fn post_json(&mut self, url: String, body: String) -> Result<u16, String> {
+        use std::io::{Read, Write};
+        let hosts = self.http_hosts.as_ref().ok_or("the http capability was not granted")?;
+        let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
+        let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+        if !hosts.iter().any(|h| h == authority) {
+            return Err(format!("{authority} is not among this plugin's http_hosts"));
+        }
+        let timeout = std::time::Duration::from_millis(1000);
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(authority).map_err(|e| format!("{authority}: {e}"))?.next().ok_or_else(|| format!("{authority}: no address"))?;
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{authority}: {e}"))?;
+        stream.set_read_timeout(Some(timeout)).and_then(|()| stream.set_write_timeout(Some(timeout))).map_err(|e| e.to_string())?;
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).map_err(|e| format!("{authority}: {e}"))?;
+        let mut head = [0u8; 64];
+        let n = stream.read(&mut head).map_err(|e| format!("{authority}: {e}"))?;
+        let status = std::str::from_utf8(&head[..n]).ok().and_then(|h| h.split_whitespace().nth(1)).and_then(|s| s.parse().ok());
+        status.ok_or_else(|| format!("{authority}: not an HTTP response"))
+    }
+}

@@ -92,6 +92,7 @@ pub enum Grant {
     Log,
     Clock,
     Random,
+    Http,
 }
 
 impl Grant {
@@ -101,6 +102,7 @@ impl Grant {
             "log" => Grant::Log,
             "clock" => Grant::Clock,
             "random" => Grant::Random,
+            "http" => Grant::Http,
             _ => return None,
         })
     }
@@ -110,6 +112,7 @@ impl Grant {
             Grant::Log => "log",
             Grant::Clock => "clock",
             Grant::Random => "random",
+            Grant::Http => "http",
         }
     }
 }
@@ -147,6 +150,8 @@ pub struct Plugin {
     pub settings: Vec<(String, String)>,
     pub memory_mb: u64,
     pub deadline_ms: u64,
+    /// host:port pairs the `http` capability may reach.
+    pub http_hosts: Vec<String>,
 }
 
 pub struct Runtime {
@@ -238,7 +243,7 @@ impl Runtime {
         let grants = match &section.grants {
             Some(names) => names
                 .iter()
-                .map(|n| Grant::parse(n).ok_or_else(|| fail(format!("unknown grant {n:?} (known: sql, log, clock, random)"))))
+                .map(|n| Grant::parse(n).ok_or_else(|| fail(format!("unknown grant {n:?} (known: sql, log, clock, random, http)"))))
                 .collect::<Result<Vec<_>, _>>()?,
             None => builtin::default_grants(slot.world()),
         };
@@ -259,6 +264,7 @@ impl Runtime {
             settings,
             memory_mb: section.memory_mb,
             deadline_ms: section.deadline_ms,
+            http_hosts: section.http_hosts.clone(),
         })
     }
 
@@ -356,6 +362,7 @@ fn grant_for_import(name: &str) -> Option<Result<Option<Grant>, String>> {
         "sql" => Ok(Some(Grant::Sql)),
         "log" => Ok(Some(Grant::Log)),
         "clock" => Ok(Some(Grant::Clock)),
+        "http" => Ok(Some(Grant::Http)),
         "types" => Ok(None),
         other => Err(format!("imports {name}, which this host does not offer (interface {other:?})")),
     })
@@ -466,6 +473,7 @@ impl<W: World> Instance<W> {
             table: Default::default(),
             memory: MemoryLimit { max_bytes: (plugin.memory_mb as usize) << 20, refused: false },
             sql,
+            http_hosts: if plugin.grants.contains(&Grant::Http) { Some(plugin.http_hosts.clone()) } else { None },
             started: Instant::now(),
         };
         let mut store = Store::new(self.runtime.engine(), state);

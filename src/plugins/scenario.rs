@@ -107,6 +107,7 @@ pub async fn run(runtime: &Arc<Runtime>, file: &Path, scenario_file: &Path) -> R
         grants: scenario.grants.clone(),
         memory_mb: scenario.memory_mb,
         deadline_ms: scenario.deadline_ms,
+        http_hosts: Vec::new(),
         settings: scenario.settings.clone(),
     };
     let plugin = Arc::new(runtime.load(slot, &section, Path::new(".")).map_err(|e| e.to_string())?);
@@ -220,6 +221,7 @@ async fn notice_check(instance: &mut Instance<NoticeHandler>, step: &Step, shown
             "participant-left" => NoticeKind::ParticipantLeft,
             "participant-rejoined" => NoticeKind::ParticipantRejoined,
             "chat-closed" => NoticeKind::ChatClosed,
+            "chat-moved" => NoticeKind::ChatMoved,
             other => return Some(format!("unknown notice kind {other:?}")),
         };
         notices.push(Notice { chat_id: n.chat.clone(), kind, participant_id: n.participant.clone(), detail: n.detail.clone() });
