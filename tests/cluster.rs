@@ -128,6 +128,31 @@ async fn the_reference_guide_test_three_instances_and_kill_9_of_the_owner() {
     assert_eq!(t["state"], "closed");
 }
 
+/// A customer who opens a chat through `order` (the failover client's instance list) and
+/// sends a message every `pause` until `stop`; every request must succeed as the client sees
+/// it. Returns the chat, its token, and each acknowledged (seq, text) with when it was acked.
+fn busy_chat(i: usize, order: Vec<String>, stop: Arc<AtomicBool>, pause: Duration) -> tokio::task::JoinHandle<(String, String, Vec<(u64, String)>, Vec<Instant>)> {
+    tokio::spawn(async move {
+        let mut client = FailoverClient::new(&order);
+        let created = client.post("/v1/chats", None, json!({"nickname": format!("C{i}")})).await.unwrap().ok().unwrap();
+        let chat_id = created["chat_id"].as_str().unwrap().to_string();
+        let token = created["token"].as_str().unwrap().to_string();
+        let path = format!("/v1/chats/{chat_id}/messages");
+        let (mut acked, mut when) = (Vec::new(), Vec::new());
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let text = format!("{i}-{n}");
+            let r = client.post(&path, Some(&token), json!({"text": text, "client_msg_id": text})).await.unwrap();
+            assert_eq!(r.status, 200, "chat {i} message {n} failed as the client sees it: {:?}", r.body);
+            acked.push((r.body["seq"].as_u64().unwrap(), text));
+            when.push(Instant::now());
+            tokio::time::sleep(pause).await;
+        }
+        (chat_id, token, acked, when)
+    })
+}
+
 /// 200 chats with messages in flight on three instances; one instance is killed with SIGKILL.
 /// Every acknowledged message is stored exactly once, and every chat goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,46 +161,24 @@ async fn two_hundred_busy_chats_survive_kill_9_of_one_of_three_instances() {
     let mut servers = cluster_of(3, &data, None);
     let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let killed_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
-    let mut chats = Vec::new();
-    for i in 0..200 {
-        // Each chat starts on one instance and knows the others in rotation.
-        let order: Vec<String> = (0..3).map(|k| addrs[(i + k) % 3].clone()).collect();
-        let (stop, killed_at) = (stop.clone(), killed_at.clone());
-        chats.push(tokio::spawn(async move {
-            let mut client = FailoverClient::new(&order);
-            let created = client.post("/v1/chats", None, json!({"nickname": format!("C{i}")})).await.unwrap().ok().unwrap();
-            let chat_id = created["chat_id"].as_str().unwrap().to_string();
-            let token = created["token"].as_str().unwrap().to_string();
-            let path = format!("/v1/chats/{chat_id}/messages");
-            let mut acked = Vec::new();
-            let mut after_kill = 0;
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let text = format!("{i}-{n}");
-                let r = client.post(&path, Some(&token), json!({"text": text, "client_msg_id": text})).await.unwrap();
-                assert_eq!(r.status, 200, "chat {i} message {n}: {:?}", r.body);
-                acked.push((r.body["seq"].as_u64().unwrap(), text));
-                if killed_at.lock().unwrap().is_some() {
-                    after_kill += 1;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            (chat_id, token, acked, after_kill)
-        }));
-    }
+    let chats: Vec<_> = (0..200)
+        .map(|i| {
+            // Each chat starts on one instance and knows the others in rotation.
+            let order: Vec<String> = (0..3).map(|k| addrs[(i + k) % 3].clone()).collect();
+            busy_chat(i, order, stop.clone(), Duration::from_millis(50))
+        })
+        .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     servers.remove(0).kill9();
-    *killed_at.lock().unwrap() = Some(Instant::now());
+    let killed = Instant::now();
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.store(true, Ordering::Relaxed);
 
     let mut reader = Client::new(&servers[0].addr);
     let mut total = 0;
     for chat in chats {
-        let (chat_id, token, acked, after_kill) = chat.await.unwrap();
-        assert!(after_kill > 0, "chat {chat_id} went on after the kill");
+        let (chat_id, token, acked, when) = chat.await.unwrap();
+        assert!(when.iter().any(|t| *t > killed), "chat {chat_id} went on after the kill");
         let t = reader.get(&format!("/v1/chats/{chat_id}/transcript"), Some(&token)).await.unwrap().ok().unwrap();
         assert_eq!(messages(&t), acked, "chat {chat_id}: exactly the acknowledged messages, once each, in order");
         assert_dense(&t);
@@ -393,29 +396,9 @@ async fn a_rolling_upgrade_under_load_loses_nothing() {
     let addrs: Vec<String> = (0..3).map(|_| spare_address()).collect();
     let mut servers: Vec<Option<Server>> = addrs.iter().map(|a| Some(Server::start_at(data.path(), Some(&config), a))).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut chats = Vec::new();
-    for i in 0..30 {
-        let order: Vec<String> = (0..3).map(|k| addrs[(i + k) % 3].clone()).collect();
-        let stop = stop.clone();
-        chats.push(tokio::spawn(async move {
-            let mut client = FailoverClient::new(&order);
-            let created = client.post("/v1/chats", None, json!({"nickname": format!("C{i}")})).await.unwrap().ok().unwrap();
-            let chat_id = created["chat_id"].as_str().unwrap().to_string();
-            let token = created["token"].as_str().unwrap().to_string();
-            let path = format!("/v1/chats/{chat_id}/messages");
-            let mut acked = Vec::new();
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let text = format!("{i}-{n}");
-                let r = client.post(&path, Some(&token), json!({"text": text, "client_msg_id": text})).await.unwrap();
-                assert_eq!(r.status, 200, "chat {i} message {n} failed as the client sees it: {:?}", r.body);
-                acked.push((r.body["seq"].as_u64().unwrap(), text));
-                tokio::time::sleep(Duration::from_millis(30)).await;
-            }
-            (chat_id, token, acked)
-        }));
-    }
+    let chats: Vec<_> = (0..30)
+        .map(|i| busy_chat(i, (0..3).map(|k| addrs[(i + k) % 3].clone()).collect(), stop.clone(), Duration::from_millis(30)))
+        .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     for k in 0..3 {
         let old = servers[k].take().unwrap();
@@ -432,7 +415,7 @@ async fn a_rolling_upgrade_under_load_loses_nothing() {
     let mut reader = Client::new(&addrs[0]);
     let mut total = 0;
     for chat in chats {
-        let (chat_id, token, acked) = chat.await.unwrap();
+        let (chat_id, token, acked, _) = chat.await.unwrap();
         let t = reader.get(&format!("/v1/chats/{chat_id}/transcript"), Some(&token)).await.unwrap().ok().unwrap();
         assert_eq!(messages(&t), acked, "chat {chat_id}");
         assert_dense(&t);
