@@ -358,7 +358,12 @@ impl Chats {
             let _restoring_this_chat = gate.lock().await;
             self.locate_or_restore(chat_id, requester, forwarded).await
         };
-        self.restoring.lock().unwrap().remove(chat_id);
+        // The last request through the gate removes it; earlier ones leave it for those still
+        // waiting, so a third request cannot start a second restore of the same chat.
+        let mut restoring = self.restoring.lock().unwrap();
+        if Arc::strong_count(&gate) <= 2 {
+            restoring.remove(chat_id);
+        }
         result
     }
 
