@@ -62,6 +62,22 @@ fn wrong_version() {
 }
 
 #[test]
+fn import_the_host_does_not_provide() {
+    let component = wat::parse_str(
+        r#"(component
+            (import "wasi:http/types@0.2.0" (instance (export "send" (func))))
+            (core module $m (func (export "f")))
+            (core instance $i (instantiate $m))
+            (func $f (canon lift (core func $i "f")))
+            (instance $policy (export "decide" (func $f)))
+            (export "parley:plugin/policy@0.1.0" (instance $policy)))"#,
+    )
+    .unwrap();
+    let line = refusal("http", "[plugins.save-error-policy]\nfile = \"http.wasm\"\n", &[("http.wasm", &component)]);
+    assert_names(&line, &["slot save-error-policy", "http.wasm", "does not provide", "wasi:http/types@0.2.0"]);
+}
+
+#[test]
 fn import_not_granted() {
     let toml = format!("[plugins.intermediate]\nfile = \"{PLUGIN_DIR}/sqlite_store.wasm\"\ngrants = [\"log\"]\n");
     let line = refusal("grant", &toml, &[]);

@@ -248,6 +248,9 @@ impl Runtime {
             None => builtin::default_grants(slot.world()),
         };
         check_contract(&self.engine, &component, slot.world(), &grants).map_err(fail)?;
+        // Every import must be one this host links (a WASI interface it does not offer, such
+        // as wasi:http, would otherwise fail only when the first instance is made).
+        self.linker(slot.world()).instantiate_pre(&component).map_err(|e| fail(format!("asks for an import this host does not provide: {e}")))?;
         let settings = section
             .settings
             .iter()
