@@ -238,11 +238,22 @@ async fn a_frozen_owner_that_comes_back_cannot_fork_the_transcript() {
     assert!(kpi_a["chats_purged"].as_u64().unwrap() >= 1, "A dropped the chat: {kpi_a}");
     assert_eq!(kpi_a["sessions_current"], 0, "{kpi_a}");
 
-    // The same transcript through either instance; A answers by asking B.
+    // The same transcript through either instance; A answers by asking B. The agent's first
+    // request since the restore appends its `reconnected` (saved just after that answer), so
+    // compare once both returning participants' reconnects are in.
     agent.moved_to(a);
-    let via_a = agent.transcript().await;
+    let _ = agent.transcript().await;
     customer.moved_to(b);
-    let via_b = customer.transcript().await;
+    let mut via_b = customer.transcript().await;
+    for _ in 0..100 {
+        if kinds(&via_b).iter().filter(|k| *k == "reconnected").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        via_b = customer.transcript().await;
+    }
+    let via_a = agent.transcript().await;
+    assert_eq!(kinds(&via_b).iter().filter(|k| *k == "reconnected").count(), 2, "{via_b}");
     assert_eq!(via_a["events"], via_b["events"]);
     assert_eq!(messages(&via_b), acked);
     assert_dense(&via_b);
