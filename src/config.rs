@@ -21,6 +21,9 @@ pub struct Deployment {
     pub transcript: TranscriptSection,
     pub restore: RestoreSection,
     pub cluster: ClusterSection,
+    /// Present: the `intermediate` slot (and with it cluster coordination) moves to Cassandra
+    /// or ScyllaDB, as in the reference guide's "Deploying Chat Server with Cassandra".
+    pub cassandra: Option<CassandraSection>,
     pub limits: LimitsSection,
     pub auth: AuthSection,
     pub sqlite: SqliteSection,
@@ -94,6 +97,86 @@ pub struct ClusterSection {
     /// The secret instances present to each other when passing requests on. Default: a key
     /// generated once in the data directory, shared by the instances on one host.
     pub secret: Option<String>,
+}
+
+/// The one CQL session the `cql` capability runs on, and what `parley storage init` creates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CassandraSection {
+    /// host:port of nodes to start from; the driver discovers the rest of the cluster.
+    pub contact_points: Vec<String>,
+    pub keyspace: String,
+    /// Consistency of reads and writes: `quorum` / `local_quorum` for production (RF 3),
+    /// `local_one` / `one` acceptable for a one-node development setup.
+    pub consistency: Consistency,
+    /// Consistency of the lightweight transactions (claims, leases): `serial` or `local_serial`.
+    pub serial_consistency: SerialConsistency,
+    pub username: Option<String>,
+    /// The password itself, or (better) the environment variable holding it.
+    pub password: Option<String>,
+    pub password_env: Option<String>,
+    /// TLS to the nodes: PEM file of the CA that signed the nodes' certificates.
+    pub tls_ca_file: Option<PathBuf>,
+    /// With TLS: check that the node's certificate names the host it was reached on.
+    pub tls_verify_hostname: bool,
+    /// Client timeout of one request (the driver retries per its policy within it).
+    pub request_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Reconnect policy: idle connections are probed this often, so a dead node is noticed
+    /// and its pool refilled in the background (with the driver's backoff) once it is back.
+    pub keepalive_ms: u64,
+    /// How often the driver refreshes topology and schema (nodes joining or leaving).
+    pub metadata_refresh_ms: u64,
+    /// `parley storage init`: the keyspace's replication, e.g. `SimpleStrategy` with
+    /// `replication_factor = 1` for development, `NetworkTopologyStrategy` with `dc1 = 3`.
+    pub replication_strategy: String,
+    pub replication: BTreeMap<String, u32>,
+    /// `parley storage init`: rows of open chats expire after this long without a write
+    /// (default_time_to_live), and tombstones are kept this long (gc_grace_seconds).
+    pub ttl_seconds: u64,
+    pub gc_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    One,
+    LocalOne,
+    Quorum,
+    LocalQuorum,
+    EachQuorum,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SerialConsistency {
+    Serial,
+    LocalSerial,
+}
+
+impl Default for CassandraSection {
+    fn default() -> Self {
+        Self {
+            contact_points: vec!["127.0.0.1:9042".into()],
+            keyspace: "parley".into(),
+            consistency: Consistency::LocalQuorum,
+            serial_consistency: SerialConsistency::LocalSerial,
+            username: None,
+            password: None,
+            password_env: None,
+            tls_ca_file: None,
+            tls_verify_hostname: true,
+            request_timeout_ms: 2000,
+            connect_timeout_ms: 2000,
+            keepalive_ms: 2000,
+            metadata_refresh_ms: 60_000,
+            replication_strategy: "SimpleStrategy".into(),
+            replication: BTreeMap::from([("replication_factor".to_string(), 1)]),
+            ttl_seconds: 7 * 24 * 3600,
+            gc_grace_seconds: 3 * 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -205,6 +288,7 @@ impl Default for Deployment {
             transcript: TranscriptSection::default(),
             restore: RestoreSection::default(),
             cluster: ClusterSection::default(),
+            cassandra: None,
             limits: LimitsSection::default(),
             auth: AuthSection::default(),
             sqlite: SqliteSection::default(),
@@ -239,6 +323,18 @@ impl Deployment {
                 "cluster.lease_ms ({}) must be at least three times cluster.renew_ms ({}), so one slow renewal does not lose the lease",
                 c.lease_ms, c.renew_ms
             )));
+        }
+        if let Some(c) = &self.cassandra {
+            if c.contact_points.is_empty() {
+                return Err(ConfigError::Invalid("cassandra.contact_points must name at least one node (host:port)".into()));
+            }
+            let plain = |s: &str| !s.is_empty() && s.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+            if !plain(&c.keyspace) || !plain(&c.replication_strategy) || !c.replication.keys().all(|k| plain(k)) {
+                return Err(ConfigError::Invalid(format!(
+                    "cassandra: keyspace {:?}, replication_strategy and replication keys may only use letters, digits and _",
+                    c.keyspace
+                )));
+            }
         }
         for hash in self.auth.agent_token_hashes.iter().chain(&self.auth.admin_token_hashes) {
             if hash.len() != 64 || hex::decode(hash).is_err() {

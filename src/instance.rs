@@ -40,6 +40,10 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
         busy_timeout: Duration::from_millis(deployment.sqlite.busy_timeout_ms),
     };
 
+    if let Some(c) = &deployment.cassandra {
+        let session = crate::storage::cassandra::Cassandra::connect(c).await.map_err(StartError::Other)?;
+        runtime.connect_cql(Arc::new(session));
+    }
     let (intermediate, final_store, policy, notices) = load_slots(&runtime, &deployment, &database).await?;
     let lease = Arc::new(Lease::new());
     let lease_slot = StoreSlot::spawn_for_leases(intermediate.sibling(), kpi.clone());

@@ -52,6 +52,19 @@ enum Command {
     /// Plugin tools.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Storage tools.
+    #[command(subcommand)]
+    Storage(StorageCommand),
+}
+
+#[derive(Subcommand)]
+enum StorageCommand {
+    /// Create the Cassandra keyspace and tables of cassandra/schema.cql with the replication,
+    /// TTL and gc_grace of the deployment's [cassandra] section (safe to run again).
+    Init {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +125,23 @@ fn main() -> std::process::ExitCode {
                 Err(problem) => {
                     eprintln!("parley plugin test: {problem}");
                     std::process::ExitCode::from(2)
+                }
+            }
+        }
+        Command::Storage(StorageCommand::Init { config }) => {
+            let result = Deployment::from_file(&config).map_err(|e| e.to_string()).and_then(|d| {
+                let c = d.cassandra.ok_or_else(|| format!("{}: no [cassandra] section: the embedded store needs no init", config.display()))?;
+                let done = runtime.block_on(parley::storage::cassandra::init_schema(&c))?;
+                Ok((c, done))
+            });
+            match result {
+                Ok((c, n)) => {
+                    println!("keyspace {} ready on {} ({n} statements applied)", c.keyspace, c.contact_points.join(", "));
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("parley storage init: {e}");
+                    std::process::ExitCode::FAILURE
                 }
             }
         }

@@ -6,63 +6,11 @@ mod common;
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use std::collections::HashSet;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conversation_survives_kill_9_and_restart() {
     let data = Scratch::new("conversation");
-    let server = Server::start(data.path(), None);
-    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
-
-    // 100 messages each way, both sides sending at once.
-    let send_all = |mut p: Participant, who: &'static str| async move {
-        let mut acked = Vec::new();
-        for i in 0..100 {
-            let text = format!("{who} {i} — ünïcødé 你好 🎉");
-            let r = p.send(&text, &format!("{who}-{i}")).await;
-            assert_eq!(r.status, 200, "{:?}", r.body);
-            acked.push((r.body["seq"].as_u64().unwrap(), text));
-        }
-        (p, acked)
-    };
-    let (c, a) = tokio::join!(send_all(customer, "customer"), send_all(agent, "agent"));
-    (customer, agent) = (c.0, a.0);
-    let mut acked: Vec<(u64, String)> = c.1.into_iter().chain(a.1).collect();
-    acked.sort();
-
-    // Each side sees every acknowledged message exactly once, in seq order, and the same transcript.
-    let seen_by_customer = messages(&customer.transcript().await);
-    let seen_by_agent = messages(&agent.transcript().await);
-    assert_eq!(seen_by_customer, acked);
-    assert_eq!(seen_by_agent, acked);
-    let seqs: HashSet<u64> = acked.iter().map(|(s, _)| *s).collect();
-    assert_eq!(seqs.len(), 200, "every ack has its own seq");
-
-    // kill -9, then start again on the same data.
-    server.kill9();
-    let server = Server::start(data.path(), None);
-    customer.moved_to(&server);
-    agent.moved_to(&server);
-    let after_restart = customer.transcript().await;
-    assert_eq!(messages(&after_restart), acked, "the transcript is intact after kill -9");
-
-    // The chat continues: numbering goes on, both participants are back.
-    let r = customer.send("still there?", "customer-after").await;
-    assert_eq!(r.status, 200);
-    let seq = r.body["seq"].as_u64().unwrap();
-    assert!(seq > acked.last().unwrap().0);
-    let r = agent.send("yes", "agent-after").await;
-    assert_eq!(r.status, 200);
-    let t = agent.transcript().await;
-    let reconnected: Vec<&Value> = t["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "reconnected").collect();
-    let who: HashSet<&str> = reconnected.iter().map(|e| e["participant_id"].as_str().unwrap()).collect();
-    assert_eq!(who, HashSet::from([customer.id.as_str(), agent.id.as_str()]), "both participants reconnected once each");
-    assert_eq!(reconnected.len(), 2);
-    let all: Vec<u64> = t["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
-    assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>(), "one dense order");
-    // A resend from before the crash is still recognised.
-    let r = customer.send("customer 7 — ünïcødé 你好 🎉", "customer-7").await;
-    assert_eq!(r.body["seq"].as_u64().unwrap(), acked.iter().find(|(_, t)| t.starts_with("customer 7 ")).unwrap().0);
+    scenarios::conversation_survives_kill_9(|| Server::start(data.path(), None)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

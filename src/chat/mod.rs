@@ -279,6 +279,11 @@ pub struct Deps {
     pub restore_mode: RestoreMode,
     pub allowed_initiators: Vec<Initiator>,
     pub purge_old_owner: bool,
+    /// Whether closing a chat drops its intermediate transcript. Not when the intermediate
+    /// store is shared (Cassandra) and the final one is each instance's own embedded store:
+    /// the shared copy, closed, is how the other instances still find and serve the chat
+    /// (until the rows' TTL).
+    pub purge_on_close: bool,
     pub linger: Duration,
 }
 
@@ -297,6 +302,7 @@ impl Deps {
             restore_mode: deployment.restore.mode,
             allowed_initiators: deployment.restore.allowed_initiators.clone(),
             purge_old_owner: deployment.restore.purge_old_owner,
+            purge_on_close: deployment.cassandra.is_none() || deployment.plugins.final_.is_some(),
             linger: Duration::from_millis(deployment.limits.closed_chat_linger_ms),
         }
     }

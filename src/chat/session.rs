@@ -491,7 +491,7 @@ impl Session {
                 }
             }
         }
-        if result.is_ok() && self.deps.auto_save > 0 {
+        if result.is_ok() && self.deps.auto_save > 0 && self.deps.purge_on_close {
             if let Err(e) = self.deps.intermediate.purge(&self.shared.id).await {
                 warn!(event_id = "chat.purge_failed", chat_id = %self.shared.id, cause = %e, "the intermediate transcript stays until its TTL");
             }

@@ -6,6 +6,11 @@ pub mod store_world {
         world: "transcript-store",
         path: "wit",
         exports: { default: async },
+        // CQL calls wait on the network: async, so they hold no worker thread.
+        imports: {
+            "parley:plugin/cql.write": async,
+            "parley:plugin/cql.query": async,
+        },
     });
 }
 
@@ -42,7 +47,7 @@ pub use policy_world::exports::parley::plugin::policy;
 pub use store_world::TranscriptStore;
 pub use store_world::exports::parley::plugin::store;
 pub use notice_world::parley::plugin::http;
-pub use store_world::parley::plugin::{clock, log, sql, types};
+pub use store_world::parley::plugin::{clock, cql, log, sql, types};
 
 /// The WIT package version this host speaks.
 pub const PACKAGE: &str = "parley:plugin";

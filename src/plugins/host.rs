@@ -2,7 +2,8 @@
 //! they run against. A capability the deployment did not grant is absent from the state, and
 //! the loader refuses a component that imports it.
 
-use super::bindings::{clock, http, log, sql};
+use super::bindings::{clock, cql, http, log, sql};
+use crate::storage::cassandra::Cassandra;
 use crate::storage::sqlite::Database;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +19,8 @@ pub struct PluginState {
     pub table: ResourceTable,
     pub memory: MemoryLimit,
     pub sql: Option<Database>,
+    /// With the cql grant: the instance's Cassandra session.
+    pub cql: Option<Arc<Cassandra>>,
     /// With the http grant: the host:port pairs it may reach.
     pub http_hosts: Option<Vec<String>>,
     pub started: Instant,
@@ -82,6 +85,24 @@ impl sql::Host for PluginState {
         match &mut self.sql {
             Some(db) => db.query(&sql_text, &params),
             None => Err(sql::SqlError::Invalid("the sql capability was not granted".into())),
+        }
+    }
+}
+
+impl cql::Host for PluginState {
+    #[tracing::instrument(name = "plugin.cql.write", skip_all, fields(plugin = %self.label, statements = statements.len()))]
+    async fn write(&mut self, statements: Vec<cql::Statement>) -> Result<(), cql::CqlError> {
+        match self.cql.clone() {
+            Some(session) => session.write(&statements).await,
+            None => Err(cql::CqlError::Invalid("the cql capability was not granted".into())),
+        }
+    }
+
+    #[tracing::instrument(name = "plugin.cql.query", skip_all, fields(plugin = %self.label, rows = params.len()))]
+    async fn query(&mut self, cql_text: String, params: Vec<Vec<cql::Value>>) -> Vec<Result<Vec<Vec<cql::Value>>, cql::CqlError>> {
+        match self.cql.clone() {
+            Some(session) => session.query(&cql_text, &params).await,
+            None => params.iter().map(|_| Err(cql::CqlError::Invalid("the cql capability was not granted".into()))).collect(),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod scenario;
 pub mod slots;
 
 use crate::config::{Deployment, PluginSection};
+use crate::storage::cassandra::Cassandra;
 use crate::storage::sqlite::DatabaseFile;
 use bindings::{NoticeHandler, SaveErrorPolicy, TranscriptStore};
 use host::{MemoryLimit, PluginState};
@@ -89,6 +90,7 @@ impl WorldKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Grant {
     Sql,
+    Cql,
     Log,
     Clock,
     Random,
@@ -99,6 +101,7 @@ impl Grant {
     fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "sql" => Grant::Sql,
+            "cql" => Grant::Cql,
             "log" => Grant::Log,
             "clock" => Grant::Clock,
             "random" => Grant::Random,
@@ -109,6 +112,7 @@ impl Grant {
     fn name(self) -> &'static str {
         match self {
             Grant::Sql => "sql",
+            Grant::Cql => "cql",
             Grant::Log => "log",
             Grant::Clock => "clock",
             Grant::Random => "random",
@@ -162,6 +166,8 @@ pub struct Runtime {
     store_linker: Linker<PluginState>,
     policy_linker: Linker<PluginState>,
     notice_linker: Linker<PluginState>,
+    /// The Cassandra session plugins granted `cql` run on (with a `[cassandra]` section).
+    cql: std::sync::OnceLock<Arc<Cassandra>>,
 }
 
 impl Runtime {
@@ -194,7 +200,12 @@ impl Runtime {
         let store_linker = linker::<TranscriptStore>(&engine)?;
         let policy_linker = linker::<SaveErrorPolicy>(&engine)?;
         let notice_linker = linker::<NoticeHandler>(&engine)?;
-        Ok(Arc::new(Self { engine, cache_dir, kpi, store_linker, policy_linker, notice_linker }))
+        Ok(Arc::new(Self { engine, cache_dir, kpi, store_linker, policy_linker, notice_linker, cql: Default::default() }))
+    }
+
+    /// Gives plugins granted `cql` this session (once, at startup).
+    pub fn connect_cql(&self, session: Arc<Cassandra>) {
+        let _ = self.cql.set(session);
     }
 
     pub fn engine(&self) -> &Engine {
@@ -221,7 +232,7 @@ impl Runtime {
         let section = match section {
             Some(s) => s,
             None => {
-                default_section = builtin::default_section(slot);
+                default_section = builtin::default_section(slot, deployment.cassandra.as_ref());
                 &default_section
             }
         };
@@ -243,11 +254,15 @@ impl Runtime {
         let grants = match &section.grants {
             Some(names) => names
                 .iter()
-                .map(|n| Grant::parse(n).ok_or_else(|| fail(format!("unknown grant {n:?} (known: sql, log, clock, random, http)"))))
+                .map(|n| Grant::parse(n).ok_or_else(|| fail(format!("unknown grant {n:?} (known: sql, cql, log, clock, random, http)"))))
                 .collect::<Result<Vec<_>, _>>()?,
             None => builtin::default_grants(slot.world()),
         };
         check_contract(&self.engine, &component, slot.world(), &grants).map_err(fail)?;
+        let imports_cql = component.component_type().imports(&self.engine).any(|(name, _)| parse_parley(name).is_some_and(|(i, _)| i == "cql"));
+        if imports_cql && self.cql.get().is_none() {
+            return Err(fail("imports cql, but the deployment has no [cassandra] section to connect it to".into()));
+        }
         // Every import must be one this host links (a WASI interface it does not offer, such
         // as wasi:http, would otherwise fail only when the first instance is made).
         self.linker(slot.world()).instantiate_pre(&component).map_err(|e| fail(format!("asks for an import this host does not provide: {e}")))?;
@@ -363,6 +378,7 @@ fn grant_for_import(name: &str) -> Option<Result<Option<Grant>, String>> {
     }
     Some(match interface.as_str() {
         "sql" => Ok(Some(Grant::Sql)),
+        "cql" => Ok(Some(Grant::Cql)),
         "log" => Ok(Some(Grant::Log)),
         "clock" => Ok(Some(Grant::Clock)),
         "http" => Ok(Some(Grant::Http)),
@@ -476,6 +492,7 @@ impl<W: World> Instance<W> {
             table: Default::default(),
             memory: MemoryLimit { max_bytes: (plugin.memory_mb as usize) << 20, refused: false },
             sql,
+            cql: if plugin.grants.contains(&Grant::Cql) { self.runtime.cql.get().cloned() } else { None },
             http_hosts: if plugin.grants.contains(&Grant::Http) { Some(plugin.http_hosts.clone()) } else { None },
             started: Instant::now(),
         };

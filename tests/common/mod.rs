@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod scenarios;
+
 use parley::client::Client;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
@@ -64,7 +66,13 @@ impl Server {
     }
 
     pub fn start_at(data: &Path, config: Option<&Path>, listen: &str) -> Server {
-        let mut child = command(data, config, listen).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn parley");
+        let mut c = command(data, config, listen);
+        c.stderr(Stdio::inherit());
+        Self::spawn(c)
+    }
+
+    fn spawn(mut c: Command) -> Server {
+        let mut child = c.stdout(Stdio::piped()).spawn().expect("spawn parley");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let line = lines.next().expect("parley printed nothing").unwrap();
         let addr = line.split("listening on http://").nth(1).unwrap_or_else(|| panic!("unexpected first line: {line}")).trim().to_string();
@@ -72,6 +80,13 @@ impl Server {
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         Server { child, addr, id }
+    }
+
+    /// Like `start_at`, logging JSON lines at info level into `log` (for event ids).
+    pub fn start_logged(data: &Path, config: Option<&Path>, log: &Path) -> Server {
+        let mut c = command(data, config, "127.0.0.1:0");
+        c.arg("--log-json").env("PARLEY_LOG", "info").stderr(std::fs::File::create(log).unwrap());
+        Self::spawn(c)
     }
 
     /// Runs `parley serve` expecting it to refuse to start; returns (exit code, stderr).

@@ -5,6 +5,8 @@
 
 wit_bindgen::generate!({ world: "transcript-store", path: "../../wit" });
 
+#[path = "../../sqlite-store/src/names.rs"]
+mod names;
 #[path = "../../sqlite-store/src/tables.rs"]
 mod tables;
 

@@ -3,6 +3,7 @@
 
 wit_bindgen::generate!({ world: "transcript-store", path: "../../wit" });
 
+mod names;
 mod tables;
 
 use exports::parley::plugin::store::{ChatDelta, ClaimOutcome, ClaimRequest, Guest, Location, Member, Settings, StoreError, Transcript};

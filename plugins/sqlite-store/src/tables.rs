@@ -3,7 +3,8 @@
 
 use crate::exports::parley::plugin::store::{ChatDelta, ClaimOutcome, ClaimRequest, Location, Member, Settings, StoreError, Transcript};
 use crate::parley::plugin::sql::{self, SqlError, Statement, Value};
-use crate::parley::plugin::types::{ChatState, Event, EventKind};
+use crate::names::{kind_name, parse_kind, parse_state, state_name};
+use crate::parley::plugin::types::{ChatState, Event};
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS chats (
@@ -283,46 +284,6 @@ fn text(v: &Value) -> String {
     match v {
         Value::Text(s) => s.clone(),
         _ => String::new(),
-    }
-}
-
-fn kind_name(k: EventKind) -> &'static str {
-    match k {
-        EventKind::Message => "message",
-        EventKind::Joined => "joined",
-        EventKind::Left => "left",
-        EventKind::Reconnected => "reconnected",
-        EventKind::Notice => "notice",
-        EventKind::Closed => "closed",
-        EventKind::Moved => "moved",
-    }
-}
-
-fn parse_kind(s: &str) -> EventKind {
-    match s {
-        "joined" => EventKind::Joined,
-        "left" => EventKind::Left,
-        "reconnected" => EventKind::Reconnected,
-        "notice" => EventKind::Notice,
-        "closed" => EventKind::Closed,
-        "moved" => EventKind::Moved,
-        _ => EventKind::Message,
-    }
-}
-
-fn state_name(s: ChatState) -> &'static str {
-    match s {
-        ChatState::Waiting => "waiting",
-        ChatState::Active => "active",
-        ChatState::Closed => "closed",
-    }
-}
-
-fn parse_state(s: &str) -> ChatState {
-    match s {
-        "waiting" => ChatState::Waiting,
-        "closed" => ChatState::Closed,
-        _ => ChatState::Active,
     }
 }
 

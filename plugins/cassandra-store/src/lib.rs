@@ -1,0 +1,334 @@
+//! The Cassandra / ScyllaDB transcript store, reached through the granted `cql` import. The
+//! tables are created by `parley storage init` from cassandra/schema.cql.
+//!
+//! Writes on the per-message path are plain (one concurrent round of upserts per group
+//! commit). Lightweight transactions are used only where correctness needs a compare-and-set:
+//! a chat's first owner, claims (restores), and lease renewals (one instance id never runs
+//! twice). A stale owner is kept from writing by the host's lease fence: it stops saving a
+//! quarter lease before its lease can run out, and a claim needs the lease to have run out.
+
+wit_bindgen::generate!({ world: "transcript-store", path: "../../wit" });
+
+#[path = "../../sqlite-store/src/names.rs"]
+mod names;
+
+use exports::parley::plugin::store::{ChatDelta, ClaimOutcome, ClaimRequest, Guest, Location, Member, Settings, StoreError, Transcript};
+use names::{kind_name, parse_kind, parse_state, state_name};
+use parley::plugin::cql::{self, CqlError, Statement, Value};
+use parley::plugin::types::{ChatState, Event};
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+const EVENT_COLUMNS: &str = "seq, kind, participant_id, nickname, text, client_msg_id, at_ms";
+
+/// A chat's first owner, once: a later claim must never be overwritten by a retried creation.
+const CREATE_CHAT: &str = "INSERT INTO parley.chats (chat_id, epoch, owner) VALUES (?, 1, ?) IF NOT EXISTS";
+const UPDATE_META: &str = "UPDATE parley.chats SET state = ?, meta = ? WHERE chat_id = ?";
+const INSERT_EVENT: &str = "INSERT INTO parley.events
+    (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms, epoch)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)";
+const CLAIM: &str = "UPDATE parley.chats SET owner = ?, epoch = ? WHERE chat_id = ? IF epoch = ? AND owner = ?";
+const RENEW: &str = "UPDATE parley.members SET address = ?, lease_expires_ms = ? WHERE instance_id = ? IF incarnation = ?";
+const FIRST_LEASE: &str = "INSERT INTO parley.members (instance_id, incarnation, address, lease_expires_ms) VALUES (?, ?, ?, ?) IF NOT EXISTS";
+const TAKE_OVER_LEASE: &str = "UPDATE parley.members SET incarnation = ?, address = ?, lease_expires_ms = ?
+    WHERE instance_id = ? IF incarnation = ? AND lease_expires_ms = ?";
+
+struct CassandraStore;
+
+/// The keyspace (setting `keyspace`, default "parley"): statements name their tables in full.
+static KEYSPACE: OnceLock<String> = OnceLock::new();
+
+/// `statement` with its `parley.` table prefixes pointed at the configured keyspace.
+fn q(statement: &str) -> String {
+    match KEYSPACE.get().map(String::as_str) {
+        None | Some("parley") => statement.to_string(),
+        Some(ks) => statement.replace("parley.", &format!("{ks}.")),
+    }
+}
+
+impl Guest for CassandraStore {
+    /// The schema is `parley storage init`'s job; here we only check it is there.
+    fn init(settings: Settings) -> Result<(), StoreError> {
+        let keyspace = settings.iter().find(|(k, _)| k == "keyspace").map_or("parley", |(_, v)| v.as_str());
+        if keyspace.is_empty() || !keyspace.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(StoreError::Invalid(format!("setting keyspace = {keyspace:?}: letters, digits and _ only")));
+        }
+        let _ = KEYSPACE.set(keyspace.to_string());
+        match one(&q("SELECT instance_id FROM parley.members LIMIT 1"), vec![]) {
+            Ok(_) => Ok(()),
+            Err(CqlError::Invalid(m)) => Err(StoreError::Invalid(format!(
+                "the keyspace lacks Parley's tables (run `parley storage init --config FILE` once): {m}"
+            ))),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+
+    fn save(deltas: Vec<ChatDelta>) -> Vec<Result<(), StoreError>> {
+        let mut creations = Vec::new();
+        let mut metas = Vec::new();
+        let mut events = Vec::new();
+        for d in &deltas {
+            let first_save = d.epoch == 1 && d.events.first().is_none_or(|e| e.seq == 1);
+            if let Some(meta) = &d.meta {
+                if first_save {
+                    creations.push(vec![text(&d.chat_id), text(&d.owner)]);
+                }
+                metas.push(vec![text(state_name(d.state)), text(meta), text(&d.chat_id)]);
+            }
+            for e in &d.events {
+                let mut row = event_row(&d.chat_id, e);
+                row.push(Value::Bigint(d.epoch as i64));
+                events.push(row);
+            }
+        }
+        let result = (|| {
+            if !creations.is_empty() {
+                cql::query(&q(CREATE_CHAT), &creations).into_iter().collect::<Result<Vec<_>, _>>()?;
+            }
+            cql::write(&[Statement { cql: q(UPDATE_META), rows: metas }, Statement { cql: q(INSERT_EVENT), rows: events }])
+        })();
+        match result {
+            Ok(()) => deltas.iter().map(|_| Ok(())).collect(),
+            Err(e) => {
+                let e = store_error(e);
+                deltas.iter().map(|_| Err(e.clone())).collect()
+            }
+        }
+    }
+
+    fn renew_lease(instance_id: String, incarnation: String, address: String, now_ms: u64, ttl_ms: u64) -> Result<Vec<Member>, StoreError> {
+        let expires = Value::Bigint((now_ms + ttl_ms) as i64);
+        let renewed = applied(&one(&q(RENEW), vec![text(&address), expires.clone(), text(&instance_id), text(&incarnation)]).map_err(store_error)?);
+        if !renewed {
+            let current = one(&q("SELECT incarnation, lease_expires_ms FROM parley.members WHERE instance_id = ?"), vec![text(&instance_id)]).map_err(store_error)?;
+            let taken = match current.first() {
+                None => applied(&one(&q(FIRST_LEASE), vec![text(&instance_id), text(&incarnation), text(&address), expires]).map_err(store_error)?),
+                Some(row) if int(&row[1]) <= now_ms => applied(
+                    &one(&q(TAKE_OVER_LEASE), vec![text(&incarnation), text(&address), expires, text(&instance_id), row[0].clone(), row[1].clone()])
+                        .map_err(store_error)?,
+                ),
+                Some(_) => false,
+            };
+            if !taken {
+                return Err(StoreError::Invalid(format!("instance id {instance_id} is already running: another process holds its lease")));
+            }
+        }
+        let rows = one(&q("SELECT instance_id, address, lease_expires_ms FROM parley.members"), vec![]).map_err(store_error)?;
+        Ok(rows.iter().map(|r| Member { instance_id: string(&r[0]), address: string(&r[1]), lease_expires_ms: int(&r[2]) }).collect())
+    }
+
+    fn release_lease(instance_id: String, incarnation: String) -> Result<(), StoreError> {
+        one(&q("UPDATE parley.members SET lease_expires_ms = 0 WHERE instance_id = ? IF incarnation = ?"), vec![text(&instance_id), text(&incarnation)])
+            .map(drop)
+            .map_err(store_error)
+    }
+
+    fn locate(chat_ids: Vec<String>) -> Vec<Result<Option<Location>, StoreError>> {
+        let params = chat_ids.iter().map(|id| vec![text(id)]).collect::<Vec<_>>();
+        cql::query(&q("SELECT owner, epoch, state FROM parley.chats WHERE chat_id = ?"), &params)
+            .into_iter()
+            .zip(&chat_ids)
+            .map(|(r, id)| {
+                let rows = r.map_err(store_error)?;
+                Ok(rows.first().filter(|row| !matches!(row[1], Value::Null)).map(|row| Location {
+                    chat_id: id.clone(),
+                    owner: string(&row[0]),
+                    epoch: int(&row[1]),
+                    state: parse_state(&string(&row[2])),
+                }))
+            })
+            .collect()
+    }
+
+    /// Reads the chats and the leases, then one lightweight transaction per chat that may be
+    /// taken (all concurrently): the epoch must still be the expected one and the owner the one
+    /// whose lease was seen to have run out.
+    fn claim(owner: String, requests: Vec<ClaimRequest>, now_ms: u64) -> Vec<Result<ClaimOutcome, StoreError>> {
+        let params = requests.iter().map(|r| vec![text(&r.chat_id)]).collect::<Vec<_>>();
+        let chats = cql::query(&q("SELECT epoch, owner FROM parley.chats WHERE chat_id = ?"), &params);
+        let leases: HashMap<String, u64> = match one(&q("SELECT instance_id, lease_expires_ms FROM parley.members"), vec![]) {
+            Ok(rows) => rows.iter().map(|r| (string(&r[0]), int(&r[1]))).collect(),
+            Err(e) => {
+                let e = store_error(e);
+                return requests.iter().map(|_| Err(e.clone())).collect();
+            }
+        };
+        let mut outcomes: Vec<Result<ClaimOutcome, StoreError>> = Vec::with_capacity(requests.len());
+        let mut attempts = Vec::new();
+        for (r, found) in requests.iter().zip(chats) {
+            let outcome = match found {
+                Err(e) => Err(store_error(e)),
+                Ok(rows) => match rows.first().filter(|row| !matches!(row[0], Value::Null)) {
+                    None => Err(StoreError::Invalid(format!("no open chat {}", r.chat_id))),
+                    Some(row) if int(&row[0]) != r.expected_epoch => Ok(ClaimOutcome::EpochMoved(int(&row[0]))),
+                    Some(row) => {
+                        let current = string(&row[1]);
+                        match leases.get(&current) {
+                            Some(&expires) if current != owner && expires > now_ms => Ok(ClaimOutcome::OwnerAlive(expires)),
+                            _ => {
+                                attempts.push((outcomes.len(), vec![
+                                    text(&owner),
+                                    Value::Bigint(r.expected_epoch as i64 + 1),
+                                    text(&r.chat_id),
+                                    Value::Bigint(r.expected_epoch as i64),
+                                    text(&current),
+                                ]));
+                                Ok(ClaimOutcome::Claimed(r.expected_epoch + 1))
+                            }
+                        }
+                    }
+                },
+            };
+            outcomes.push(outcome);
+        }
+        let rows = attempts.iter().map(|(_, row)| row.clone()).collect::<Vec<_>>();
+        for ((index, _), result) in attempts.iter().zip(cql::query(&q(CLAIM), &rows)) {
+            outcomes[*index] = match result {
+                Err(e) => Err(store_error(e)),
+                Ok(rows) if applied(&rows) => continue,
+                // Someone else's claim won: say where the chat is now.
+                Ok(_) => match one(&q("SELECT epoch FROM parley.chats WHERE chat_id = ?"), vec![text(&requests[*index].chat_id)]) {
+                    Ok(rows) => Ok(ClaimOutcome::EpochMoved(rows.first().map_or(0, |r| int(&r[0])))),
+                    Err(e) => Err(store_error(e)),
+                },
+            };
+        }
+        outcomes
+    }
+
+    fn load(chat_ids: Vec<String>) -> Vec<Result<Option<Transcript>, StoreError>> {
+        let params = chat_ids.iter().map(|id| vec![text(id)]).collect::<Vec<_>>();
+        let finals = cql::query(&q("SELECT epoch, meta FROM parley.final_chats WHERE chat_id = ?"), &params);
+        let lives = cql::query(&q("SELECT epoch, state, meta FROM parley.chats WHERE chat_id = ?"), &params);
+        // Per chat: where its events are, and the transcript header.
+        let mut heads: Vec<Result<Option<(bool, Transcript)>, StoreError>> = Vec::with_capacity(chat_ids.len());
+        for ((id, f), l) in chat_ids.iter().zip(finals).zip(lives) {
+            let head = match (f, l) {
+                (Err(e), _) | (_, Err(e)) => Err(store_error(e)),
+                (Ok(f), Ok(l)) => Ok(if let Some(row) = f.first() {
+                    Some((true, transcript(id, int(&row[0]), ChatState::Closed, string(&row[1]))))
+                } else {
+                    l.first()
+                        .filter(|row| !matches!(row[0], Value::Null))
+                        .map(|row| (false, transcript(id, int(&row[0]), parse_state(&string(&row[1])), string(&row[2]))))
+                }),
+            };
+            heads.push(head);
+        }
+        for table in ["final_events", "events"] {
+            let wanted: Vec<usize> = (0..heads.len())
+                .filter(|&i| matches!(&heads[i], Ok(Some((is_final, _))) if *is_final == (table == "final_events")))
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            let params = wanted.iter().map(|&i| vec![text(&chat_ids[i])]).collect::<Vec<_>>();
+            let sql = q(&format!("SELECT {EVENT_COLUMNS} FROM parley.{table} WHERE chat_id = ?"));
+            for (&i, rows) in wanted.iter().zip(cql::query(&sql, &params)) {
+                match rows {
+                    Ok(rows) => {
+                        if let Ok(Some((_, t))) = &mut heads[i] {
+                            t.events = rows.iter().map(|r| event_from_row(r)).collect();
+                        }
+                    }
+                    Err(e) => heads[i] = Err(store_error(e)),
+                }
+            }
+        }
+        heads.into_iter().map(|h| h.map(|o| o.map(|(_, t)| t))).collect()
+    }
+
+    fn save_final(t: Transcript) -> Result<(), StoreError> {
+        cql::write(&[
+            Statement {
+                cql: q("INSERT INTO parley.final_chats (chat_id, epoch, meta) VALUES (?, ?, ?)"),
+                rows: vec![vec![text(&t.chat_id), Value::Bigint(t.epoch as i64), text(&t.meta)]],
+            },
+            Statement {
+                cql: q("INSERT INTO parley.final_events (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
+                      VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+                rows: t.events.iter().map(|e| event_row(&t.chat_id, e)).collect(),
+            },
+        ])
+        .map_err(store_error)
+    }
+
+    fn purge(chat_id: String) -> Result<(), StoreError> {
+        let id = vec![vec![text(&chat_id)]];
+        cql::write(&[
+            Statement { cql: q("DELETE FROM parley.events WHERE chat_id = ?"), rows: id.clone() },
+            Statement { cql: q("DELETE FROM parley.chats WHERE chat_id = ?"), rows: id },
+        ])
+        .map_err(store_error)
+    }
+}
+
+/// Runs one statement with one parameter row.
+fn one(statement: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>, CqlError> {
+    cql::query(statement, &[params]).pop().unwrap_or_else(|| Ok(Vec::new()))
+}
+
+/// Whether a lightweight transaction took effect (its first column, `[applied]`).
+fn applied(rows: &[Vec<Value>]) -> bool {
+    matches!(rows.first().and_then(|r| r.first()), Some(Value::Boolean(true)))
+}
+
+fn transcript(chat_id: &str, epoch: u64, state: ChatState, meta: String) -> Transcript {
+    Transcript { chat_id: chat_id.to_string(), epoch, state, meta, events: Vec::new() }
+}
+
+fn event_row(chat_id: &str, e: &Event) -> Vec<Value> {
+    vec![
+        text(chat_id),
+        Value::Bigint(e.seq as i64),
+        text(kind_name(e.kind)),
+        text(&e.participant_id),
+        text(&e.nickname),
+        text(&e.text),
+        e.client_msg_id.as_deref().map_or(Value::Null, text),
+        Value::Bigint(e.at_ms as i64),
+    ]
+}
+
+fn event_from_row(r: &[Value]) -> Event {
+    Event {
+        seq: int(&r[0]),
+        kind: parse_kind(&string(&r[1])),
+        participant_id: string(&r[2]),
+        nickname: string(&r[3]),
+        text: string(&r[4]),
+        client_msg_id: match &r[5] {
+            Value::Text(s) => Some(s.clone()),
+            _ => None,
+        },
+        at_ms: int(&r[6]),
+    }
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.to_string())
+}
+
+fn int(v: &Value) -> u64 {
+    match v {
+        Value::Bigint(i) => *i as u64,
+        Value::Int(i) => *i as u64,
+        _ => 0,
+    }
+}
+
+fn string(v: &Value) -> String {
+    match v {
+        Value::Text(s) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+fn store_error(e: CqlError) -> StoreError {
+    match e {
+        CqlError::Unavailable(m) => StoreError::Unavailable(m),
+        CqlError::Invalid(m) => StoreError::Internal(m),
+    }
+}
+
+export!(CassandraStore);

@@ -1,0 +1,244 @@
+//! Parley on a real Apache Cassandra 5.0 node (started by `cassandra/node.sh start` if it
+//! is not running yet: Java 17 and Maven are needed): the foundation's conversation and the N+1 cluster's kill -9 tests with Cassandra
+//! as the store, non-ASCII text and row TTLs, and Cassandra stopped and started mid-chat.
+//! Each test has a keyspace of its own, made by `parley storage init`.
+
+mod common;
+
+use common::*;
+use parley::config::CassandraSection;
+use parley::plugins::bindings::cql::Value as Cql;
+use parley::storage::cassandra::Cassandra;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The outage test stops the node: it runs alone, the others share the node.
+static NODE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+const TTL_SECONDS: u64 = 3600;
+
+fn cql_port() -> String {
+    std::env::var("PARLEY_CASSANDRA_PORT").unwrap_or_else(|_| "9042".into())
+}
+
+fn node_script(what: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("cassandra/node.sh");
+    let ok = Command::new("bash").arg(script).arg(what).status().unwrap().success();
+    assert!(ok, "cassandra/node.sh {what} failed");
+}
+
+fn node_answers() -> bool {
+    std::net::TcpStream::connect(format!("127.0.0.1:{}", cql_port())).is_ok()
+}
+
+/// Starts the node with cassandra/node.sh unless it answers already (once per test run; the
+/// node stays up for the next run: `cassandra/node.sh stop` stops it, `.ci/run` does).
+fn ensure_node() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        if !node_answers() {
+            node_script("start");
+        }
+    });
+    assert!(node_answers(), "no Cassandra on 127.0.0.1:{} after cassandra/node.sh start", cql_port());
+}
+
+/// A deployment on its own keyspace of the test node, created with `parley storage init`.
+struct OnCassandra {
+    scratch: Scratch,
+    config: PathBuf,
+    section: CassandraSection,
+    starts: AtomicU32,
+}
+
+impl OnCassandra {
+    fn new(name: &str, extra: &str) -> Self {
+        ensure_node();
+        let scratch = Scratch::new(name);
+        let keyspace = format!("t_{name}_{}", std::process::id());
+        let toml = format!(
+            r#"
+[cassandra]
+contact_points = ["127.0.0.1:{port}"]
+keyspace = "{keyspace}"
+consistency = "one"
+serial_consistency = "local_serial"
+ttl_seconds = {TTL_SECONDS}
+gc_grace_seconds = 600
+
+[cluster]
+# Instances with data directories of their own share the secret through the deployment.
+secret = "cassandra-test-cluster-secret"
+{extra}
+"#,
+            port = cql_port()
+        );
+        let config = scratch.deployment(&toml);
+        let out = Command::new(env!("CARGO_BIN_EXE_parley")).args(["storage", "init", "--config"]).arg(&config).output().unwrap();
+        assert!(out.status.success(), "parley storage init: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("keyspace {keyspace} ready")));
+        let section = parley::config::Deployment::from_file(&config).unwrap().cassandra.unwrap();
+        OnCassandra { scratch, config, section, starts: AtomicU32::new(0) }
+    }
+
+    /// An instance with a data directory of its own: everything it shares with the others
+    /// (transcripts, leases, the chat directory) is in Cassandra.
+    fn start(&self) -> Server {
+        let n = self.starts.fetch_add(1, Ordering::Relaxed);
+        let data = self.scratch.path().join(format!("instance-{n}"));
+        Server::start(&data, Some(&self.config))
+    }
+
+    async fn session(&self) -> Cassandra {
+        Cassandra::connect(&self.section).await.unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversation_survives_kill_9_with_cassandra_as_the_store() {
+    let _node = NODE.read().await;
+    let on = OnCassandra::new("conversation", "");
+    // The restarted server has a fresh data directory: the transcript can only come from Cassandra.
+    scenarios::conversation_survives_kill_9(|| on.start()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_guide_test_with_cassandra_as_the_store() {
+    let _node = NODE.read().await;
+    let on = OnCassandra::new("reference", "");
+    scenarios::reference_guide_test((0..3).map(|_| on.start()).collect()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_chats_survive_kill_9_with_cassandra_as_the_store() {
+    let _node = NODE.read().await;
+    let on = OnCassandra::new("busy", "");
+    scenarios::busy_chats_survive_kill_9((0..3).map(|_| on.start()).collect()).await;
+}
+
+/// CJK, emoji (with modifiers and joiners), right-to-left scripts and combining marks come
+/// back byte for byte; every row written carries the configured TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_ascii_round_trips_and_rows_carry_the_ttl() {
+    let _node = NODE.read().await;
+    let on = OnCassandra::new("text", "");
+    let server = on.start();
+    let (mut customer, mut agent) = open_chat(&server, "王小明 👩🏽‍💻").await;
+    let texts = [
+        "你好，我的订单在哪里？",
+        "こんにちは、注文について",
+        "안녕하세요",
+        "مرحبا، أين طلبي؟",
+        "שלום, איפה ההזמנה שלי?",
+        "👨‍👩‍👧‍👦 🇯🇵 🏳️‍🌈 👍🏿",
+        "e\u{301} n\u{303} Å — “quotes” ‘single’ …",
+        "mixed: abc مرحبا 123 שלום 🎉",
+    ];
+    let mut acked = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        let r = if i % 2 == 0 { customer.send(text, &format!("t{i}")).await } else { agent.send(text, &format!("t{i}")).await };
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        acked.push((r.body["seq"].as_u64().unwrap(), text.to_string()));
+    }
+    server.kill9();
+    // A new instance (fresh data directory) restores the chat from Cassandra.
+    let server = on.start();
+    customer.moved_to(&server);
+    let t = customer.transcript().await;
+    assert_eq!(messages(&t), acked, "exactly the bytes that were sent");
+    let nick = t["events"].as_array().unwrap().iter().find(|e| e["kind"] == "joined").unwrap()["nickname"].clone();
+    assert_eq!(nick, "王小明 👩🏽‍💻");
+
+    // The rows themselves, read straight from Cassandra: the text as sent, and the TTL.
+    let session = on.session().await;
+    let ks = &on.section.keyspace;
+    let chat = Cql::Text(customer.chat_id.clone());
+    let rows = session.query(&format!("SELECT text, TTL(text) FROM {ks}.events WHERE chat_id = ?"), &[vec![chat.clone()]]).await;
+    let rows = rows.into_iter().next().unwrap().unwrap();
+    let stored: Vec<String> = rows.iter().filter_map(|r| match &r[0] { Cql::Text(s) if !s.is_empty() => Some(s.clone()), _ => None }).collect();
+    for text in texts {
+        assert!(stored.iter().any(|s| s == text), "{text:?} stored as is: {stored:?}");
+    }
+    for r in &rows {
+        let Cql::Int(ttl) = r[1] else { panic!("no TTL on an event row: {r:?}") };
+        assert!(ttl > 0 && ttl as u64 <= TTL_SECONDS && ttl as u64 > TTL_SECONDS - 120, "event row TTL {ttl}, configured {TTL_SECONDS}");
+    }
+    let rows = session.query(&format!("SELECT TTL(meta) FROM {ks}.chats WHERE chat_id = ?"), &[vec![chat]]).await;
+    let rows = rows.into_iter().next().unwrap().unwrap();
+    assert!(matches!(rows[0][0], Cql::Int(ttl) if ttl > 0 && ttl as u64 <= TTL_SECONDS), "chat row TTL: {rows:?}");
+}
+
+/// Cassandra stopped mid-chat: the save-error policy resends, then closes the chat (the
+/// participants are told why); the unavailable event, the metric and /readyz 503 appear.
+/// Cassandra started again: the available event appears and new chats work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_stopped_and_started_mid_chat() {
+    let _node = NODE.write().await;
+    let on = OnCassandra::new(
+        "outage",
+        r#"
+# A lease longer than the policy's resends, so what the policy decides is what participants see.
+lease_ms = 60000
+renew_ms = 1000
+
+[plugins.save-error-policy]
+file = "builtin:default-policy"
+settings = { resend_attempts = "2", resend_delay_ms = "300", on_error = "close" }
+"#,
+    );
+    let log = on.scratch.path().join("parley.log");
+    let server = Server::start_logged(&on.scratch.path().join("data"), Some(&on.config), &log);
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+    let before = customer.send("before the outage", "m1").await;
+    assert_eq!(before.status, 200);
+    let mut client = server.client();
+    assert_eq!(client.get("/readyz", None).await.unwrap().status, 200);
+
+    node_script("stop");
+    let stopped = Instant::now();
+    let r = customer.send("during the outage", "m2").await;
+    assert_ne!(r.status, 200, "nothing is acknowledged that was not saved: {:?}", r.body);
+    // The policy resent twice, then closed the chat: everyone is told, with the reason.
+    let events = agent.events(0, 5000).await;
+    let closed = events["events"].as_array().unwrap().iter().find(|e| e["kind"] == "closed").cloned();
+    let closed = closed.unwrap_or_else(|| panic!("the chat was closed by the policy: {events}"));
+    assert!(closed["text"].as_str().unwrap().contains("could not be saved"), "{closed}");
+    assert!(stopped.elapsed() < Duration::from_secs(10), "the policy decided promptly: {:?}", stopped.elapsed());
+    let t = agent.transcript().await;
+    assert_eq!(messages(&t), [(before.body["seq"].as_u64().unwrap(), "before the outage".to_string())], "only the acknowledged message");
+
+    // Operators see it: readyz 503, the gauge at 0, the event in the log.
+    let ready = client.get("/readyz", None).await.unwrap();
+    assert_eq!(ready.status, 503, "{:?}", ready.body);
+    assert_eq!(server.kpi().await["storage_available"], false, "the storage gauge (parley_storage_available) is down");
+    wait_for_event(&log, "storage.unavailable", Duration::from_secs(5)).await;
+    let r = client.post("/v1/chats", None, json!({"nickname": "Bea"})).await.unwrap();
+    assert_eq!(r.status, 503, "no new chat while storage is down: {:?}", r.body);
+
+    node_script("start");
+    wait_for_event(&log, "storage.available", Duration::from_secs(30)).await;
+    let until = Instant::now() + Duration::from_secs(30);
+    while client.get("/readyz", None).await.unwrap().status != 200 {
+        assert!(Instant::now() < until, "ready again once Cassandra answers");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (mut customer, mut agent) = open_chat(&server, "Bea").await;
+    let r = customer.send("after the outage", "n1").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(messages(&agent.transcript().await), [(r.body["seq"].as_u64().unwrap(), "after the outage".to_string())]);
+}
+
+async fn wait_for_event(log: &Path, id: &str, within: Duration) {
+    let until = Instant::now() + within;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).any(|l| l["fields"]["event_id"] == id) {
+            return;
+        }
+        assert!(Instant::now() < until, "no {id} event in the log within {within:?}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

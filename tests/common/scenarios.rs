@@ -1,0 +1,237 @@
+//! Scenarios run against more than one storage setup (the embedded store, Cassandra): each
+//! takes the servers it should run on.
+
+use super::*;
+use futures_util::StreamExt;
+use parley::client::{Client, FailoverClient};
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// The seq numbers of a transcript are 1, 2, 3, ... with no gap and no repeat.
+pub fn assert_dense(t: &Value) {
+    let seqs: Vec<u64> = t["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{t}");
+}
+
+/// A customer and an agent exchange 100 messages each way; the server is killed with SIGKILL
+/// and started again by `start` (on the same storage); nothing acknowledged is lost or doubled.
+pub async fn conversation_survives_kill_9(start: impl Fn() -> Server) {
+    let server = start();
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+
+    // 100 messages each way, both sides sending at once.
+    let send_all = |mut p: Participant, who: &'static str| async move {
+        let mut acked = Vec::new();
+        for i in 0..100 {
+            let text = format!("{who} {i} — ünïcødé 你好 🎉");
+            let r = p.send(&text, &format!("{who}-{i}")).await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            acked.push((r.body["seq"].as_u64().unwrap(), text));
+        }
+        (p, acked)
+    };
+    let (c, a) = tokio::join!(send_all(customer, "customer"), send_all(agent, "agent"));
+    (customer, agent) = (c.0, a.0);
+    let mut acked: Vec<(u64, String)> = c.1.into_iter().chain(a.1).collect();
+    acked.sort();
+
+    // Each side sees every acknowledged message exactly once, in seq order, and the same transcript.
+    let seen_by_customer = messages(&customer.transcript().await);
+    let seen_by_agent = messages(&agent.transcript().await);
+    assert_eq!(seen_by_customer, acked);
+    assert_eq!(seen_by_agent, acked);
+    let seqs: HashSet<u64> = acked.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs.len(), 200, "every ack has its own seq");
+
+    // kill -9, then start again on the same data.
+    server.kill9();
+    let server = start();
+    customer.moved_to(&server);
+    agent.moved_to(&server);
+    let after_restart = customer.transcript().await;
+    assert_eq!(messages(&after_restart), acked, "the transcript is intact after kill -9");
+
+    // The chat continues: numbering goes on, both participants are back.
+    let r = customer.send("still there?", "customer-after").await;
+    assert_eq!(r.status, 200);
+    let seq = r.body["seq"].as_u64().unwrap();
+    assert!(seq > acked.last().unwrap().0);
+    let r = agent.send("yes", "agent-after").await;
+    assert_eq!(r.status, 200);
+    let t = agent.transcript().await;
+    let reconnected: Vec<&Value> = t["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "reconnected").collect();
+    let who: HashSet<&str> = reconnected.iter().map(|e| e["participant_id"].as_str().unwrap()).collect();
+    assert_eq!(who, HashSet::from([customer.id.as_str(), agent.id.as_str()]), "both participants reconnected once each");
+    assert_eq!(reconnected.len(), 2);
+    let all: Vec<u64> = t["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>(), "one dense order");
+    // A resend from before the crash is still recognised.
+    let r = customer.send("customer 7 — ünïcødé 你好 🎉", "customer-7").await;
+    assert_eq!(r.body["seq"].as_u64().unwrap(), acked.iter().find(|(_, t)| t.starts_with("customer 7 ")).unwrap().0);
+}
+
+/// The reference guide's HA test, automated: three instances, a chat with a customer and an
+/// agent talking through different instances, `kill -9` of the owner, both carry on.
+pub async fn reference_guide_test(servers: Vec<Server>) {
+    let (a, b, c) = (&servers[0], &servers[1], &servers[2]);
+    let mut customer = FailoverClient::new(&[a.addr.clone(), b.addr.clone(), c.addr.clone()]);
+    let mut agent = FailoverClient::new(&[b.addr.clone(), c.addr.clone(), a.addr.clone()]);
+
+    let created = customer.post("/v1/chats", None, json!({"nickname": "Ann", "subject": "billing"})).await.unwrap();
+    assert_eq!(created.instance.as_deref(), Some(a.id.as_str()));
+    let created = created.ok().unwrap();
+    let chat_id = created["chat_id"].as_str().unwrap().to_string();
+    let customer_token = created["token"].as_str().unwrap().to_string();
+
+    // The agent works through B: B passes every request on to A, which owns the chat.
+    let queue = agent.get("/v1/queue", Some(AGENT)).await.unwrap().ok().unwrap();
+    assert!(queue["chats"].as_array().unwrap().iter().any(|q| q["chat_id"] == chat_id.as_str()), "B's queue lists A's waiting chat: {queue}");
+    let joined = agent.post(&format!("/v1/chats/{chat_id}/join"), Some(AGENT), json!({"nickname": "Bob"})).await.unwrap();
+    assert_eq!(joined.instance.as_deref(), Some(a.id.as_str()), "served by the owner, through B");
+    let agent_token = joined.ok().unwrap()["token"].as_str().unwrap().to_string();
+    let messages_path = format!("/v1/chats/{chat_id}/messages");
+
+    // A WebSocket through C follows the chat live, passed on to A as well.
+    let url = format!("ws://{}/v1/chats/{chat_id}/ws?after=0&token={customer_token}", c.addr);
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tokio::net::TcpStream::connect(&c.addr).await.unwrap()).await.unwrap();
+
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        let (client, token, who) = if i % 2 == 0 { (&mut customer, &customer_token, "c") } else { (&mut agent, &agent_token, "a") };
+        let r = client.post(&messages_path, Some(token), json!({"text": format!("{who}{i}"), "client_msg_id": format!("{who}{i}")})).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.instance.as_deref(), Some(a.id.as_str()));
+        acked.push((r.body["seq"].as_u64().unwrap(), format!("{who}{i}")));
+    }
+    let mut over_ws = Vec::new();
+    while over_ws.len() < 10 {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("ws event").unwrap().unwrap();
+        let e: Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+        if e["kind"] == "message" {
+            over_ws.push((e["seq"].as_u64().unwrap(), e["text"].as_str().unwrap().to_string()));
+        }
+    }
+    assert_eq!(over_ws, acked, "the WebSocket through C saw what A acknowledged");
+    let kpi_b = b.kpi().await;
+    assert_eq!(kpi_b["session_restored"], 0, "an owner that is alive is asked, not replaced");
+    assert!(kpi_b["requests_proxied"].as_u64().unwrap() >= 6, "{kpi_b}");
+
+    // kill -9 of the owner. Both participants carry on through the other instances.
+    let a_id = a.id.clone();
+    let mut servers = servers;
+    servers.remove(0).kill9();
+    let killed = Instant::now();
+    let r = customer.post(&messages_path, Some(&customer_token), json!({"text": "still there?", "client_msg_id": "c-after"})).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let new_owner = r.instance.clone().unwrap();
+    assert_ne!(new_owner, a_id);
+    assert!(killed.elapsed() < Duration::from_secs(4), "restored within the lease time, took {:?}", killed.elapsed());
+    acked.push((r.body["seq"].as_u64().unwrap(), "still there?".into()));
+    // A resend of a message A acknowledged gets its original seq, nothing new is stored.
+    let r = agent.post(&messages_path, Some(&agent_token), json!({"text": "a1", "client_msg_id": "a1"})).await.unwrap();
+    assert_eq!(r.body["seq"].as_u64(), Some(acked[1].0));
+    let r = agent.post(&messages_path, Some(&agent_token), json!({"text": "yes", "client_msg_id": "a-after"})).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.instance.as_deref(), Some(new_owner.as_str()));
+    acked.push((r.body["seq"].as_u64().unwrap(), "yes".into()));
+
+    // The agent's event stream, followed with the failover client from where it stood before
+    // the kill, resumes after the last seq it saw: the move, the reconnects, the new messages.
+    let mut follower = FailoverClient::new(&[servers[1].addr.clone(), servers[0].addr.clone()]);
+    let mut after = acked[9].0;
+    let mut followed = Vec::new();
+    while followed.iter().filter(|e: &&Value| e["kind"] == "message").count() < 2 {
+        followed.extend(follower.poll_events(&chat_id, &agent_token, &mut after, 2000).await.unwrap());
+    }
+    let followed_kinds: Vec<&str> = followed.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(followed_kinds.starts_with(&["moved"]), "{followed_kinds:?}");
+    assert_eq!(followed.iter().filter(|e| e["kind"] == "message").map(|e| e["text"].as_str().unwrap()).collect::<Vec<_>>(), ["still there?", "yes"]);
+
+    // Both see the same transcript, through different instances: every acknowledged message
+    // once and in order, the move to the new owner, and each participant's reconnect once.
+    let (b, c) = (&servers[0], &servers[1]);
+    let mut seen = Vec::new();
+    for (server, token) in [(b, &customer_token), (c, &agent_token)] {
+        let t = server.client().get(&format!("/v1/chats/{chat_id}/transcript"), Some(token)).await.unwrap().ok().unwrap();
+        assert_eq!(messages(&t), acked);
+        assert_dense(&t);
+        let kinds = kinds(&t);
+        assert_eq!(kinds.iter().filter(|k| *k == "reconnected").count(), 2, "{t}");
+        let moved: Vec<&Value> = t["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "moved").collect();
+        assert_eq!(moved.len(), 1, "{t}");
+        assert_eq!(moved[0]["text"], new_owner.as_str(), "the move names the new owner");
+        seen.push(t["events"].clone());
+    }
+    assert_eq!(seen[0], seen[1], "one order for everyone");
+
+    // The workflow stops the chat from whichever instance it asks.
+    let stopper = if b.id == new_owner { c } else { b };
+    let r = stopper.client().post(&format!("/v1/chats/{chat_id}/stop"), Some(ADMIN), json!({"reason": "end of shift"})).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.instance.as_deref(), Some(new_owner.as_str()));
+    let t = stopper.client().get(&format!("/v1/chats/{chat_id}/transcript"), Some(&customer_token)).await.unwrap().ok().unwrap();
+    assert_eq!(t["state"], "closed");
+}
+
+/// A customer who opens a chat through `order` (the failover client's instance list) and
+/// sends a message every `pause` until `stop`; every request must succeed as the client sees
+/// it. Returns the chat, its token, and each acknowledged (seq, text) with when it was acked.
+pub fn busy_chat(i: usize, order: Vec<String>, stop: Arc<AtomicBool>, pause: Duration) -> tokio::task::JoinHandle<(String, String, Vec<(u64, String)>, Vec<Instant>)> {
+    tokio::spawn(async move {
+        let mut client = FailoverClient::new(&order);
+        let created = client.post("/v1/chats", None, json!({"nickname": format!("C{i}")})).await.unwrap().ok().unwrap();
+        let chat_id = created["chat_id"].as_str().unwrap().to_string();
+        let token = created["token"].as_str().unwrap().to_string();
+        let path = format!("/v1/chats/{chat_id}/messages");
+        let (mut acked, mut when) = (Vec::new(), Vec::new());
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let text = format!("{i}-{n}");
+            let r = client.post(&path, Some(&token), json!({"text": text, "client_msg_id": text})).await.unwrap();
+            assert_eq!(r.status, 200, "chat {i} message {n} failed as the client sees it: {:?}", r.body);
+            acked.push((r.body["seq"].as_u64().unwrap(), text));
+            when.push(Instant::now());
+            tokio::time::sleep(pause).await;
+        }
+        (chat_id, token, acked, when)
+    })
+}
+
+/// 200 chats with messages in flight on three instances; one instance is killed with SIGKILL.
+/// Every acknowledged message is stored exactly once, and every chat goes on.
+pub async fn busy_chats_survive_kill_9(mut servers: Vec<Server>) {
+    let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let chats: Vec<_> = (0..200)
+        .map(|i| {
+            // Each chat starts on one instance and knows the others in rotation.
+            let order: Vec<String> = (0..3).map(|k| addrs[(i + k) % 3].clone()).collect();
+            busy_chat(i, order, stop.clone(), Duration::from_millis(50))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    servers.remove(0).kill9();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut reader = Client::new(&servers[0].addr);
+    let mut total = 0;
+    for chat in chats {
+        let (chat_id, token, acked, when) = chat.await.unwrap();
+        assert!(when.iter().any(|t| *t > killed), "chat {chat_id} went on after the kill");
+        let t = reader.get(&format!("/v1/chats/{chat_id}/transcript"), Some(&token)).await.unwrap().ok().unwrap();
+        assert_eq!(messages(&t), acked, "chat {chat_id}: exactly the acknowledged messages, once each, in order");
+        assert_dense(&t);
+        total += acked.len();
+    }
+    let (k1, k2) = (servers[0].kpi().await, servers[1].kpi().await);
+    let restored = k1["session_restored"].as_u64().unwrap() + k2["session_restored"].as_u64().unwrap();
+    assert_eq!(restored, 67, "each of the killed instance's chats (every third) was restored once");
+    assert!(total > 2000, "messages were in flight throughout: {total}");
+}
+
