@@ -242,3 +242,11 @@ async fn wait_for_event(log: &Path, id: &str, within: Duration) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The example deployment parses and spells out exactly the defaults.
+#[test]
+fn the_example_deployment_is_the_defaults() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cassandra.toml");
+    let d = parley::config::Deployment::from_file(&example).unwrap();
+    assert_eq!(format!("{:?}", d.cassandra.unwrap()), format!("{:?}", CassandraSection::default()));
+}

@@ -4,6 +4,7 @@
 //! transcript exactly once. Without `--target` it starts its own instance on a fresh data
 //! directory, so one command measures the whole path.
 
+mod cassandra;
 mod failover;
 mod plugins;
 
@@ -42,6 +43,10 @@ pub struct Options {
     /// SQLite synchronous mode of the instance the bench starts: full or normal.
     #[arg(long, default_value = "full")]
     pub synchronous: String,
+    /// Deployment file for the instance the bench starts (e.g. one with a [cassandra]
+    /// section: its keyspace is created first). Overrides --synchronous.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -51,19 +56,23 @@ pub enum Scenario {
     /// The cost of a call into a plugin (Rust, and any policy components given), of a batch,
     /// of instantiation, and of one store group commit.
     Plugins(plugins::Options),
+    /// Messages/s and ack latency on the embedded store and on Cassandra in one run, and what
+    /// cluster coordination (leases, claims) costs on each.
+    Cassandra(cassandra::Options),
 }
 
 pub async fn run(o: Options) -> anyhow::Result<()> {
     match o.scenario {
         Some(Scenario::Failover(f)) => return failover::run(f).await,
         Some(Scenario::Plugins(p)) => return plugins::run(p).await,
+        Some(Scenario::Cassandra(c)) => return cassandra::run(c).await,
         None => {}
     }
     let mut own_server = None;
     let (target, agent_token) = match &o.target {
         Some(t) => (t.clone(), o.agent_token.clone().or_else(|| std::env::var("PARLEY_AGENT_TOKEN").ok()).context("--agent-token or PARLEY_AGENT_TOKEN is required with --target")?),
         None => {
-            let (child, addr, dir) = start_instance(&o.synchronous).await?;
+            let (child, addr, dir) = start_instance(&o.synchronous, o.config.as_deref()).await?;
             own_server = Some((child, dir));
             (addr, "bench-agent-token".to_string())
         }
@@ -73,7 +82,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         "parley bench: {} chats, {offered}, {} s against {target} (sqlite synchronous={})",
         o.chats,
         o.seconds,
-        if o.target.is_some() { "as configured" } else { &o.synchronous }
+        if o.target.is_some() || o.config.is_some() { "as configured" } else { &o.synchronous }
     );
 
     // Open the chats, an agent in each.
@@ -174,11 +183,23 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_instance(synchronous: &str) -> anyhow::Result<(tokio::process::Child, String, PathBuf)> {
+async fn start_instance(synchronous: &str, deployment: Option<&std::path::Path>) -> anyhow::Result<(tokio::process::Child, String, PathBuf)> {
     let dir = std::env::temp_dir().join(format!("parley-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let config = dir.join("bench.toml");
-    std::fs::write(&config, format!("[sqlite]\nsynchronous = \"{synchronous}\"\n"))?;
+    let config = match deployment {
+        Some(d) => {
+            if let Some(c) = crate::config::Deployment::from_file(d)?.cassandra {
+                crate::storage::cassandra::init_schema(&c).await.map_err(anyhow::Error::msg)?;
+            }
+            d.to_path_buf()
+        }
+        None => {
+            let config = dir.join("bench.toml");
+            std::fs::write(&config, format!("[sqlite]\nsynchronous = \"{synchronous}\"\n"))?;
+            config
+        }
+    };
     let instance = LocalInstance::start(&dir.join("data"), Some(&config), "127.0.0.1:0", &[("PARLEY_AGENT_TOKEN", "bench-agent-token")]).await?;
     Ok((instance.child, instance.addr, dir))
 }

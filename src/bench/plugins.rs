@@ -116,7 +116,7 @@ fn failure(i: usize) -> SaveFailure {
     }
 }
 
-fn delta(chat: usize, seq: u64) -> ChatDelta {
+pub(super) fn delta(chat: usize, seq: u64) -> ChatDelta {
     let event = Event {
         seq,
         kind: EventKind::Message,
@@ -136,7 +136,7 @@ fn delta(chat: usize, seq: u64) -> ChatDelta {
     }
 }
 
-async fn time(n: u32, mut f: impl AsyncFnMut()) -> Duration {
+pub(super) async fn time(n: u32, mut f: impl AsyncFnMut()) -> Duration {
     for _ in 0..(n / 10).max(1) {
         f().await;
     }
