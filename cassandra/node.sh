@@ -63,7 +63,13 @@ start() {
     fi
     command -v java >/dev/null || { echo "cassandra: java (17) is not installed" >&2; exit 1; }
     fetch
-    mkdir -p "$NODE"/{data,commitlog,saved_caches,hints,cdc_raw,logs}
+    mkdir -p "$NODE"/{data,commitlog,saved_caches,hints,cdc_raw,logs,tls}
+    if [ ! -f "$NODE/tls/node.pem" ]; then
+        keytool -genkeypair -alias node -keyalg EC -groupname secp256r1 -validity 3650 \
+            -dname "CN=127.0.0.1" -ext "SAN=IP:127.0.0.1,DNS:localhost" \
+            -keystore "$NODE/tls/node.p12" -storetype PKCS12 -storepass parley-dev -keypass parley-dev >/dev/null
+        keytool -exportcert -rfc -alias node -keystore "$NODE/tls/node.p12" -storepass parley-dev > "$NODE/tls/node.pem"
+    fi
     sed -e "s|\${NODE}|$NODE|g" -e "s|\${CQL_PORT}|$CQL_PORT|g" -e "s|\${STORAGE_PORT}|$STORAGE_PORT|g" \
         "$HERE/cassandra.yaml" > "$NODE/cassandra.yaml"
     # shellcheck disable=SC2046

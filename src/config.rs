@@ -117,8 +117,9 @@ pub struct CassandraSection {
     pub password_env: Option<String>,
     /// TLS to the nodes: PEM file of the CA that signed the nodes' certificates.
     pub tls_ca_file: Option<PathBuf>,
-    /// With TLS: check that the node's certificate names the host it was reached on.
-    pub tls_verify_hostname: bool,
+    /// With TLS: check that the node's certificate names the address it was reached on (an
+    /// IP subject alternative name); off only for certificates issued without one.
+    pub tls_verify_address: bool,
     /// Client timeout of one request (the driver retries per its policy within it).
     pub request_timeout_ms: u64,
     pub connect_timeout_ms: u64,
@@ -166,7 +167,7 @@ impl Default for CassandraSection {
             password: None,
             password_env: None,
             tls_ca_file: None,
-            tls_verify_hostname: true,
+            tls_verify_address: true,
             request_timeout_ms: 2000,
             connect_timeout_ms: 2000,
             keepalive_ms: 2000,

@@ -56,6 +56,11 @@ struct OnCassandra {
 
 impl OnCassandra {
     fn new(name: &str, extra: &str) -> Self {
+        Self::with(name, "", extra)
+    }
+
+    /// `cassandra_extra` goes into the [cassandra] section, `extra` after it.
+    fn with(name: &str, cassandra_extra: &str, extra: &str) -> Self {
         ensure_node();
         let scratch = Scratch::new(name);
         let keyspace = format!("t_{name}_{}", std::process::id());
@@ -68,6 +73,7 @@ consistency = "one"
 serial_consistency = "local_serial"
 ttl_seconds = {TTL_SECONDS}
 gc_grace_seconds = 600
+{cassandra_extra}
 
 [cluster]
 # Instances with data directories of their own share the secret through the deployment.
@@ -241,6 +247,42 @@ async fn wait_for_event(log: &Path, id: &str, within: Duration) {
         assert!(Instant::now() < until, "no {id} event in the log within {within:?}:\n{text}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// TLS to the node (its CQL port takes TLS optionally; node.sh made its certificate): with
+/// the node's CA the chat works end to end; with a CA that did not sign it, `parley serve`
+/// refuses to start and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_node_is_verified() {
+    let _node = NODE.read().await;
+    let home = std::env::var("PARLEY_CASSANDRA_HOME").map(PathBuf::from).unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cassandra"));
+    ensure_node();
+    let ca = home.join("node/tls/node.pem");
+    assert!(ca.exists(), "node.sh writes the node's certificate to {}", ca.display());
+    let on = OnCassandra::with("tls", &format!("tls_ca_file = {:?}", ca.display().to_string()), "");
+    let server = on.start();
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+    let r = customer.send("over TLS", "m1").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(messages(&agent.transcript().await), [(r.body["seq"].as_u64().unwrap(), "over TLS".to_string())]);
+
+    // Another CA: the node's certificate does not verify, and Parley will not start on it.
+    let other = on.scratch.path().join("other-ca.pem");
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=not-the-node"])
+        .arg("-keyout")
+        .arg(on.scratch.path().join("other-key.pem"))
+        .arg("-out")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let text = std::fs::read_to_string(&on.config).unwrap().replace(&ca.display().to_string(), &other.display().to_string());
+    let wrong = on.scratch.path().join("wrong-ca.toml");
+    std::fs::write(&wrong, text).unwrap();
+    let (code, stderr) = Server::refuse(&on.scratch.path().join("refused"), &wrong);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("cannot reach Cassandra at 127.0.0.1:"), "{stderr}");
 }
 
 /// The example deployment parses and spells out exactly the defaults.
