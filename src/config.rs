@@ -189,6 +189,17 @@ pub struct LimitsSection {
     /// How long a closed chat stays in memory for late readers before only its final
     /// transcript remains.
     pub closed_chat_linger_ms: u64,
+    /// The reference's limit-for-sessions: open chats this instance takes; beyond it new chats
+    /// get 503 `too_many_chats` (clients try another instance). Restores are always taken:
+    /// failover must not fail on a full instance. 0: no limit.
+    pub max_chats: usize,
+    /// Participants (customer and agents, present or gone) one chat may have; one more gets
+    /// 409 `chat_full`.
+    pub max_participants: usize,
+    /// Messages each participant may send per second on average, and at once above that
+    /// (token bucket); over it, 429 `rate_limited` with Retry-After. 0: no limit.
+    pub messages_per_second: f64,
+    pub message_burst: u32,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -274,7 +285,16 @@ impl Default for ClusterSection {
 }
 impl Default for LimitsSection {
     fn default() -> Self {
-        Self { max_message_chars: 4096, max_body_bytes: 64 * 1024, max_nickname_chars: 64, closed_chat_linger_ms: 600_000 }
+        Self {
+            max_message_chars: 4096,
+            max_body_bytes: 64 * 1024,
+            max_nickname_chars: 64,
+            closed_chat_linger_ms: 600_000,
+            max_chats: 10_000,
+            max_participants: 8,
+            messages_per_second: 50.0,
+            message_burst: 200,
+        }
     }
 }
 impl Default for SqliteSection {
@@ -324,6 +344,12 @@ impl Deployment {
                 "cluster.lease_ms ({}) must be at least three times cluster.renew_ms ({}), so one slow renewal does not lose the lease",
                 c.lease_ms, c.renew_ms
             )));
+        }
+        let l = &self.limits;
+        if l.messages_per_second < 0.0 || (l.messages_per_second > 0.0 && l.message_burst == 0) || l.max_participants < 2 {
+            return Err(ConfigError::Invalid(
+                "limits: messages_per_second must be >= 0 with message_burst >= 1, and max_participants >= 2 (a customer and an agent)".into(),
+            ));
         }
         if let Some(c) = &self.cassandra {
             if c.contact_points.is_empty() {

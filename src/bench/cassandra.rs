@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
-    /// Deployment file whose [cassandra] section names the cluster to measure. Default: the
+    /// Deployment file whose [cassandra] section names the cluster to measure (give it
+    /// `[limits] messages_per_second = 0`, or the rate limit shapes the load). Default: the
     /// development node of cassandra/node.sh (127.0.0.1:9042), keyspace parley_bench, consistency one.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -37,7 +38,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => {
             let c = dir.join("cassandra.toml");
-            std::fs::write(&c, "[cassandra]\ncontact_points = [\"127.0.0.1:9042\"]\nkeyspace = \"parley_bench\"\nconsistency = \"one\"\n")?;
+            std::fs::write(
+                &c,
+                "[cassandra]\ncontact_points = [\"127.0.0.1:9042\"]\nkeyspace = \"parley_bench\"\nconsistency = \"one\"\n[limits]\nmessages_per_second = 0\n",
+            )?;
             c
         }
     };

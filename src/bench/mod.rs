@@ -196,7 +196,8 @@ async fn start_instance(synchronous: &str, deployment: Option<&std::path::Path>)
         }
         None => {
             let config = dir.join("bench.toml");
-            std::fs::write(&config, format!("[sqlite]\nsynchronous = \"{synchronous}\"\n"))?;
+            // A load test: no per-participant rate limit.
+            std::fs::write(&config, format!("[sqlite]\nsynchronous = \"{synchronous}\"\n[limits]\nmessages_per_second = 0\n"))?;
             config
         }
     };

@@ -47,6 +47,10 @@ pub enum ChatError {
     Forbidden,
     #[error("storage is unavailable: {0}")]
     Storage(String),
+    #[error("the chat already has {0} participants (limits.max_participants)")]
+    Full(usize),
+    #[error("too many messages: at most {per_second} per second on average (limits.messages_per_second); retry in {retry_ms} ms")]
+    RateLimited { per_second: f64, retry_ms: u64 },
 }
 
 /// A participant as stored in the chat's metadata.
@@ -285,6 +289,9 @@ pub struct Deps {
     /// (until the rows' TTL).
     pub purge_on_close: bool,
     pub linger: Duration,
+    pub max_participants: usize,
+    /// Per participant: (messages per second, burst); None: no limit.
+    pub message_rate: Option<(f64, f64)>,
 }
 
 impl Deps {
@@ -303,6 +310,8 @@ impl Deps {
             allowed_initiators: deployment.restore.allowed_initiators.clone(),
             purge_old_owner: deployment.restore.purge_old_owner,
             purge_on_close: deployment.cassandra.is_none() || deployment.plugins.final_.is_some(),
+            max_participants: deployment.limits.max_participants,
+            message_rate: (deployment.limits.messages_per_second > 0.0).then_some((deployment.limits.messages_per_second, deployment.limits.message_burst as f64)),
             linger: Duration::from_millis(deployment.limits.closed_chat_linger_ms),
         }
     }

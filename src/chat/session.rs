@@ -66,6 +66,8 @@ struct Session {
     /// Another instance restored this chat and this one keeps a read-only copy
     /// (`restore.purge_old_owner = false`): every write is refused.
     fenced: bool,
+    /// Per participant: message tokens left and when they were counted (rate limit).
+    buckets: HashMap<Arc<str>, (f64, Instant)>,
 }
 
 /// Starts a new chat's task; the returned receiver resolves when its first save is done.
@@ -143,6 +145,7 @@ impl Session {
             closing: Vec::new(),
             ended: false,
             fenced: false,
+            buckets: HashMap::new(),
         };
         s.shared.set_roster(s.roster());
         s
@@ -229,6 +232,9 @@ impl Session {
                 if !open {
                     return drop(reply.send(Err(ChatError::Closed)));
                 }
+                if let Err(limited) = self.take_message_token(&member) {
+                    return drop(reply.send(Err(limited)));
+                }
                 let nickname = self.nickname(&member);
                 let seq = self.append(Kind::Message, &member, &nickname, text, client_msg_id.clone(), Some(Ack::Seq(reply)));
                 if let Some(id) = client_msg_id {
@@ -238,6 +244,9 @@ impl Session {
             Command::Join { nickname, reply } => {
                 if !open {
                     return drop(reply.send(Err(ChatError::Closed)));
+                }
+                if self.meta.participants.len() >= self.deps.max_participants {
+                    return drop(reply.send(Err(ChatError::Full(self.deps.max_participants))));
                 }
                 let (token, token_sha256) = auth::new_token();
                 let agent = Participant { id: auth::new_id().into(), role: Role::Agent, nickname: nickname.clone(), token_sha256, present: true };
@@ -303,6 +312,22 @@ impl Session {
 
     fn nickname(&self, member: &str) -> Arc<str> {
         self.meta.participants.iter().find(|p| &*p.id == member).map_or_else(|| "".into(), |p| p.nickname.clone())
+    }
+
+    /// The rate limit (a token bucket per participant); resends of a message already taken
+    /// never get here, so a client retrying after a failover is not charged twice.
+    fn take_message_token(&mut self, member: &Arc<str>) -> Result<(), ChatError> {
+        let Some((per_second, burst)) = self.deps.message_rate else { return Ok(()) };
+        let now = Instant::now();
+        let (tokens, at) = self.buckets.entry(member.clone()).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(ChatError::RateLimited { per_second, retry_ms: ((1.0 - *tokens) / per_second * 1000.0).ceil() as u64 })
+        }
     }
 
     /// Numbers a new transcript event and starts saving it.

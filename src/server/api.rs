@@ -26,11 +26,13 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Sent as Retry-After (whole seconds, rounded up) and in the body.
+    retry_after_ms: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), retry_after_ms: None }
     }
 }
 
@@ -47,8 +49,14 @@ impl From<ChatError> for ApiError {
             ChatError::RestoreNotAllowed(_) => (StatusCode::SERVICE_UNAVAILABLE, "restore_not_allowed"),
             ChatError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             ChatError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+            ChatError::Full(_) => (StatusCode::CONFLICT, "chat_full"),
+            ChatError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         };
-        ApiError::new(status, code, e.to_string())
+        let retry_after_ms = match &e {
+            ChatError::RateLimited { retry_ms, .. } => Some(*retry_ms),
+            _ => None,
+        };
+        ApiError { retry_after_ms, ..ApiError::new(status, code, e.to_string()) }
     }
 }
 
@@ -198,8 +206,15 @@ fn wrong_method(method: &Method) -> ApiError {
 }
 
 pub fn error_response(e: &ApiError) -> Response<Body> {
-    let body = serde_json::json!({"error": {"code": e.code, "message": e.message}});
-    respond(e.status, "application/json", body.to_string())
+    let mut body = serde_json::json!({"error": {"code": e.code, "message": e.message}});
+    if let Some(ms) = e.retry_after_ms {
+        body["error"]["retry_after_ms"] = ms.into();
+    }
+    let mut r = respond(e.status, "application/json", body.to_string());
+    if let Some(ms) = e.retry_after_ms {
+        r.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000).max(1)));
+    }
+    r
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
@@ -338,6 +353,14 @@ fn check_nickname(app: &App, nickname: &str) -> Result<(), ApiError> {
 async fn create_chat(app: &App, req: &Req) -> Reply {
     if app.draining.load(Ordering::Relaxed) {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this instance is draining and takes no new chats"));
+    }
+    let open = app.kpi.sessions_current.load(Ordering::Relaxed) as usize;
+    if app.limits.max_chats > 0 && open >= app.limits.max_chats {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_chats",
+            format!("this instance holds {open} open chats, its limit (limits.max_chats); try another instance"),
+        ));
     }
     let body: CreateChat = read_json(req)?;
     check_nickname(app, &body.nickname)?;

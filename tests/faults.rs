@@ -1,0 +1,87 @@
+//! Fault injection on the embedded store: the SQLite file locked by another process. The
+//! save-error policy decides (here: resend, then continue), nothing unsaved is acknowledged,
+//! and once the lock is gone the chat goes on with every acknowledged message once.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_locked_by_another_process_then_released() {
+    let data = Scratch::new("locked");
+    let config = data.deployment(
+        r#"
+[sqlite]
+busy_timeout_ms = 200
+
+[cluster]
+# Longer than the lock is held, so what the policy decides is what participants see.
+lease_ms = 6000
+renew_ms = 1000
+
+[plugins.save-error-policy]
+file = "builtin:default-policy"
+settings = { resend_attempts = "2", resend_delay_ms = "200", on_error = "continue" }
+"#,
+    );
+    let server = Server::start(data.path(), Some(&config));
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+    let first = customer.send("before the lock", "m1").await;
+    assert_eq!(first.status, 200);
+
+    // Another process takes the database's write lock and holds it.
+    let db = data.path().join("parley.db");
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let mut other = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.readline()",
+            ])
+            .arg(&db)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with sqlite3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(other.stdout.take().unwrap()), &mut line).unwrap();
+        assert_eq!(line.trim(), "locked");
+        locked_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+        drop(other.stdin.take());
+        other.wait().unwrap();
+    });
+    locked_rx.recv().unwrap();
+
+    // The save fails (database locked), is resent twice, then the policy continues: the
+    // message is refused so the sender can resend it, the chat stays open.
+    let refused = customer.send("during the lock", "m2").await;
+    assert_eq!(refused.status, 503, "not acknowledged while nothing could be saved: {:?}", refused.body);
+    let notice = agent.events(0, 3000).await;
+    assert!(
+        notice["events"].as_array().unwrap().iter().all(|e| e["kind"] != "closed"),
+        "on_error = continue keeps the chat open: {notice}"
+    );
+
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The sender resends the refused message with the same client_msg_id: stored once now.
+    let resent = customer.send("during the lock", "m2").await;
+    assert_eq!(resent.status, 200, "{:?}", resent.body);
+    let after = agent.send("after the lock", "a1").await;
+    assert_eq!(after.status, 200);
+    let expected = vec![
+        (first.body["seq"].as_u64().unwrap(), "before the lock".to_string()),
+        (resent.body["seq"].as_u64().unwrap(), "during the lock".to_string()),
+        (after.body["seq"].as_u64().unwrap(), "after the lock".to_string()),
+    ];
+    assert_eq!(messages(&customer.transcript().await), expected);
+    // And it is on disk: kill -9 and restart.
+    server.kill9();
+    let server = Server::start(data.path(), Some(&config));
+    customer.moved_to(&server);
+    assert_eq!(messages(&customer.transcript().await), expected, "every acknowledged message survived, once");
+}
