@@ -185,6 +185,13 @@ impl Default for CassandraSection {
 pub struct LimitsSection {
     pub max_message_chars: usize,
     pub max_body_bytes: usize,
+    /// A client must send a request's headers within this, and its body within
+    /// `body_read_timeout_ms`: slow or stalled clients cannot hold connections and tasks.
+    pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+    /// Open client connections; beyond it a new connection gets 503 `too_many_connections`
+    /// and is closed, so descriptors and memory stay bounded. 0: no limit.
+    pub max_connections: usize,
     pub max_nickname_chars: usize,
     /// How long a closed chat stays in memory for late readers before only its final
     /// transcript remains.
@@ -288,6 +295,9 @@ impl Default for LimitsSection {
         Self {
             max_message_chars: 4096,
             max_body_bytes: 64 * 1024,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
+            max_connections: 10_000,
             max_nickname_chars: 64,
             closed_chat_linger_ms: 600_000,
             max_chats: 10_000,

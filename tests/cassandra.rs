@@ -235,6 +235,9 @@ settings = { resend_attempts = "2", resend_delay_ms = "300", on_error = "close" 
     let r = customer.send("after the outage", "n1").await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(messages(&agent.transcript().await), [(r.body["seq"].as_u64().unwrap(), "after the outage".to_string())]);
+    // The chat closed by the policy (and dropped again when the lease lapsed) left the
+    // open-chats gauge once: only the new chat counts.
+    assert_eq!(server.kpi().await["sessions_current"], 1);
 }
 
 async fn wait_for_event(log: &Path, id: &str, within: Duration) {

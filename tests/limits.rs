@@ -90,3 +90,52 @@ async fn participants_per_chat_and_chats_per_instance_are_limited() {
     let r = c.post("/v1/chats", None, json!({"nickname": "Cid"})).await.unwrap();
     assert_eq!(r.status, 201, "{:?}", r.body);
 }
+
+/// Slow or stalled clients cannot hold the server: a body that does not arrive gets 408, a
+/// request whose headers do not arrive and an idle connection are closed, and open connections
+/// are bounded (the one over the limit gets 503 and is closed) — while others are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_are_cut_off_and_connections_are_bounded() {
+    use std::time::Instant;
+    let data = Scratch::new("slow");
+    let config = data.deployment("[limits]\nheader_read_timeout_ms = 500\nbody_read_timeout_ms = 500\nmax_connections = 8\n");
+    let server = Server::start(data.path(), Some(&config));
+    let read_all = |mut s: std::net::TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+
+    // A body promised but never sent in full.
+    let started = Instant::now();
+    let mut s = std::net::TcpStream::connect(&server.addr).unwrap();
+    write!(s, "POST /v1/chats HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"nickname\"").unwrap();
+    let answer = read_all(s);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(3), "cut off after the body timeout: {:?}", started.elapsed());
+
+    // Headers that never end, and a connection that never says anything: both closed.
+    for partial in ["POST /v1/chats HTTP/1.1\r\nhost: x\r\n", ""] {
+        let started = Instant::now();
+        let mut s = std::net::TcpStream::connect(&server.addr).unwrap();
+        write!(s, "{partial}").unwrap();
+        let answer = read_all(s);
+        assert!(started.elapsed() < Duration::from_secs(3), "{partial:?}: closed after the header timeout, took {:?}: {answer}", started.elapsed());
+        assert!(!answer.contains("201"), "{answer}");
+    }
+
+    // Eight idle connections fill the instance: the ninth is told so and closed.
+    let idle: Vec<_> = (0..8).map(|_| std::net::TcpStream::connect(&server.addr).unwrap()).collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let answer = read_all(std::net::TcpStream::connect(&server.addr).unwrap());
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    // The idle ones are cut off by the header timeout; then new clients are served again.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    drop(idle);
+    let mut c = server.client();
+    let r = c.post("/v1/chats", None, json!({"nickname": "Ann"})).await.unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.body);
+}

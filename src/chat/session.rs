@@ -68,6 +68,9 @@ struct Session {
     fenced: bool,
     /// Per participant: message tokens left and when they were counted (rate limit).
     buckets: HashMap<Arc<str>, (f64, Instant)>,
+    /// This chat no longer counts in `sessions_current` (it may end by more than one path:
+    /// closed by the policy, then dropped when the lease lapsed).
+    counted_out: bool,
 }
 
 /// Starts a new chat's task; the returned receiver resolves when its first save is done.
@@ -85,7 +88,10 @@ pub(super) fn open(deps: Arc<Deps>, map: ChatMap, chat_id: Arc<str>, meta: Meta)
 pub(super) fn read_only(deps: Arc<Deps>, map: ChatMap, t: Transcript) -> Result<ChatHandle, ChatError> {
     let meta = parse_meta(&t.meta)?;
     let events: Vec<Arc<Event>> = t.events.into_iter().map(Event::from_wit).collect();
-    Ok(Session::new(deps, map, t.chat_id.into(), t.epoch, ChatState::Closed, meta, events, Vec::new()).spawn())
+    let mut session = Session::new(deps, map, t.chat_id.into(), t.epoch, ChatState::Closed, meta, events, Vec::new());
+    // Never counted in sessions_current: nothing to take out when it goes.
+    session.counted_out = true;
+    Ok(session.spawn())
 }
 
 /// Continues a stored chat this instance has just claimed at `epoch` (the store refuses the
@@ -146,6 +152,7 @@ impl Session {
             ended: false,
             fenced: false,
             buckets: HashMap::new(),
+            counted_out: false,
         };
         s.shared.set_roster(s.roster());
         s
@@ -295,7 +302,7 @@ impl Session {
                 for closer in self.closing.drain(..) {
                     let _ = closer.send(Err(ChatError::Moved));
                 }
-                self.deps.kpi.chat_ended(false);
+                self.count_end(false);
                 self.deps.kpi.chats_purged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.shared.moved.send_replace(true);
                 self.ended = true;
@@ -312,6 +319,13 @@ impl Session {
 
     fn nickname(&self, member: &str) -> Arc<str> {
         self.meta.participants.iter().find(|p| &*p.id == member).map_or_else(|| "".into(), |p| p.nickname.clone())
+    }
+
+    /// Takes this chat out of `sessions_current`, once.
+    fn count_end(&mut self, closed: bool) {
+        if !std::mem::replace(&mut self.counted_out, true) {
+            self.deps.kpi.chat_ended(closed);
+        }
     }
 
     /// The rate limit (a token bucket per participant); resends of a message already taken
@@ -408,7 +422,7 @@ impl Session {
             // Another instance restored this chat (or may have: this instance's lease is not
             // live). It is theirs now, and our unsaved events never were.
             self.fail_unsaved(ChatError::Moved);
-            self.deps.kpi.chat_ended(false);
+            self.count_end(false);
             self.shared.moved.send_replace(true);
             if self.deps.purge_old_owner {
                 warn!(event_id = "chat.purged", chat_id = %self.shared.id, epoch = self.epoch, cause = %e, "save refused: another instance owns this chat; dropping it");
@@ -452,7 +466,7 @@ impl Session {
                 for closer in self.closing.drain(..) {
                     let _ = closer.send(Err(ChatError::Closed));
                 }
-                self.deps.kpi.chat_ended(true);
+                self.count_end(true);
             }
         }
     }
@@ -479,7 +493,7 @@ impl Session {
         if self.meta.participants.is_empty() {
             // The chat's creation itself was not saved: it never existed.
             self.ended = true;
-            self.deps.kpi.chat_ended(false);
+            self.count_end(false);
         }
         if self.state == ChatState::Closed && !self.ended {
             // The `closed` event was among the dropped ones: the chat stays open.
@@ -521,7 +535,7 @@ impl Session {
                 warn!(event_id = "chat.purge_failed", chat_id = %self.shared.id, cause = %e, "the intermediate transcript stays until its TTL");
             }
         }
-        self.deps.kpi.chat_ended(true);
+        self.count_end(true);
         let reason = self.shared.full_transcript().iter().rev().find(|e| e.kind == Kind::Closed).map(|e| e.text.clone()).unwrap_or_default();
         self.raise(NoticeKind::ChatClosed, None, reason);
         info!(event_id = "chat.deleted", chat_id = %self.shared.id, sessions_current = self.deps.kpi.sessions_current.load(std::sync::atomic::Ordering::Relaxed), "chat closed");

@@ -76,9 +76,10 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
 async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Reply {
     let (parts, body) = req.into_parts();
     let limit = app.limits.max_body_bytes;
-    let body = Limited::new(body, limit)
-        .collect()
+    let within = std::time::Duration::from_millis(app.limits.body_read_timeout_ms);
+    let body = tokio::time::timeout(within, Limited::new(body, limit).collect())
         .await
+        .map_err(|_| ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", format!("the request body did not arrive within {} ms", within.as_millis())))?
         .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the request body exceeds {limit} bytes")))?
         .to_bytes();
     let req = Request::from_parts(parts, body);
@@ -354,7 +355,7 @@ async fn create_chat(app: &App, req: &Req) -> Reply {
     if app.draining.load(Ordering::Relaxed) {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this instance is draining and takes no new chats"));
     }
-    let open = app.kpi.sessions_current.load(Ordering::Relaxed) as usize;
+    let open = app.kpi.sessions_current.load(Ordering::Relaxed).max(0) as usize;
     if app.limits.max_chats > 0 && open >= app.limits.max_chats {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -36,6 +36,11 @@ pub struct App {
 /// Serves `app` on an already bound listener until `shutdown` resolves.
 pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);
+    let connections = Arc::new(tokio::sync::Semaphore::new(match app.limits.max_connections {
+        0 => tokio::sync::Semaphore::MAX_PERMITS,
+        n => n,
+    }));
+    let header_timeout = std::time::Duration::from_millis(app.limits.header_read_timeout_ms);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -48,15 +53,32 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl std::futur
             _ = &mut shutdown => return,
         };
         let _ = stream.set_nodelay(true);
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            // Full: say so and close, without reading the request.
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut stream = stream;
+                let body = r#"{"error":{"code":"too_many_connections","message":"this instance has its limit of open connections (limits.max_connections); try another instance"}}"#;
+                let head = format!("HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.write_all(body.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                })
+                .await;
+            });
+            continue;
+        };
         let app = app.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |req| {
                 let app = app.clone();
                 async move { Ok::<_, std::convert::Infallible>(api::route(app, req).await) }
             });
             let conn = http1::Builder::new()
                 .max_buf_size(64 * 1024)
-                .header_read_timeout(std::time::Duration::from_secs(30))
+                .header_read_timeout(header_timeout)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();

@@ -20,10 +20,15 @@ pub const FORWARDED_BY: &str = "parley-forwarded-by";
 /// The cluster secret, proving the request comes from an instance of the cluster.
 pub const CLUSTER_KEY: &str = "parley-cluster-key";
 
-/// Idle keep-alive connections to the other instances.
+/// An idle connection older than this is not reused: the peer may be about to close it (its
+/// `limits.header_read_timeout_ms` cuts idle connections off), and a request sent on a
+/// connection the peer is closing fails as if the owner were gone.
+const MAX_IDLE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Idle keep-alive connections to the other instances, with when each became idle.
 #[derive(Default)]
 pub struct Peers {
-    idle: Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
+    idle: Mutex<HashMap<String, Vec<(std::time::Instant, SendRequest<Full<Bytes>>)>>>,
 }
 
 impl Peers {
@@ -31,7 +36,7 @@ impl Peers {
         loop {
             let reused = self.idle.lock().unwrap().get_mut(address).and_then(Vec::pop);
             match reused {
-                Some(s) if !s.is_closed() && s.is_ready() => return Ok(s),
+                Some((since, s)) if since.elapsed() < MAX_IDLE && !s.is_closed() && s.is_ready() => return Ok(s),
                 Some(_) => continue,
                 None => break,
             }
@@ -47,7 +52,7 @@ impl Peers {
         let mut idle = self.idle.lock().unwrap();
         let list = idle.entry(address.to_string()).or_default();
         if list.len() < 64 {
-            list.push(sender);
+            list.push((std::time::Instant::now(), sender));
         }
     }
 }
