@@ -1,6 +1,7 @@
-//! Fault injection on the embedded store: the SQLite file locked by another process. The
-//! save-error policy decides (here: resend, then continue), nothing unsaved is acknowledged,
-//! and once the lock is gone the chat goes on with every acknowledged message once.
+//! Fault injection on the embedded store: the SQLite file locked by another process, and a
+//! full disk. The save-error policy decides (here: resend, then continue), nothing unsaved is
+//! acknowledged, and once the fault is gone the chat goes on with every acknowledged message
+//! once.
 
 mod common;
 
@@ -84,4 +85,82 @@ settings = { resend_attempts = "2", resend_delay_ms = "200", on_error = "continu
     let server = Server::start(data.path(), Some(&config));
     customer.moved_to(&server);
     assert_eq!(messages(&customer.transcript().await), expected, "every acknowledged message survived, once");
+}
+
+/// Unmounts the small filesystem the full-disk test runs on.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills a filesystem to the last byte; returns the filler file.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for chunk in [1 << 20, 64 << 10, 4 << 10, 512, 1] {
+        let bytes = vec![0u8; chunk];
+        while f.write_all(&bytes).and_then(|()| f.flush()).is_ok() {}
+    }
+    let _ = f.sync_all();
+    path
+}
+
+/// A full disk (a 64 MiB tmpfs as the data directory, filled to the last byte by another
+/// writer): saves fail, are resent, then the policy's `continue` refuses the message; once
+/// space is freed the resend is stored, and everything acknowledged is intact after kill -9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_messages_until_space_is_freed() {
+    let scratch = Scratch::new("full-disk");
+    let data = scratch.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"]).arg(&data).output().unwrap();
+    assert!(
+        mounted.status.success(),
+        "this test mounts a small tmpfs to fill it (root with CAP_SYS_ADMIN, as on CI): {}",
+        String::from_utf8_lossy(&mounted.stderr)
+    );
+    let _mounted = Mounted(data.clone());
+    let config = scratch.deployment(
+        r#"
+[cluster]
+lease_ms = 8000
+renew_ms = 1000
+
+[plugins.save-error-policy]
+file = "builtin:default-policy"
+settings = { resend_attempts = "2", resend_delay_ms = "200", on_error = "continue" }
+"#,
+    );
+    let server = Server::start(&data, Some(&config));
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+    let first = customer.send("before the disk filled up", "m1").await;
+    assert_eq!(first.status, 200);
+
+    let filler = fill(&data);
+    let refused = customer.send("while the disk is full", "m2").await;
+    assert_eq!(refused.status, 503, "not acknowledged while nothing could be saved: {:?}", refused.body);
+    assert_eq!(refused.error_code(), Some("not_saved"), "{:?}", refused.body);
+    assert!(refused.body["error"]["message"].as_str().unwrap().contains("full"), "the cause is named: {:?}", refused.body);
+
+    std::fs::remove_file(&filler).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resent = customer.send("while the disk is full", "m2").await;
+    assert_eq!(resent.status, 200, "{:?}", resent.body);
+    let after = agent.send("after space was freed", "a1").await;
+    assert_eq!(after.status, 200, "{:?}", after.body);
+    let expected = vec![
+        (first.body["seq"].as_u64().unwrap(), "before the disk filled up".to_string()),
+        (resent.body["seq"].as_u64().unwrap(), "while the disk is full".to_string()),
+        (after.body["seq"].as_u64().unwrap(), "after space was freed".to_string()),
+    ];
+    assert_eq!(messages(&customer.transcript().await), expected);
+    server.kill9();
+    let server = Server::start(&data, Some(&config));
+    customer.moved_to(&server);
+    assert_eq!(messages(&customer.transcript().await), expected, "every acknowledged message survived, once");
+    drop(server);
 }
