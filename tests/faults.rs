@@ -6,26 +6,56 @@
 mod common;
 
 use common::*;
+use std::path::Path;
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_locked_by_another_process_then_released() {
-    let data = Scratch::new("locked");
-    let config = data.deployment(
-        r#"
-[sqlite]
-busy_timeout_ms = 200
-
+/// Both faults: a lease longer than the fault lasts (so what the policy decides is what
+/// participants see), and a policy that resends twice, then refuses the message and keeps
+/// the chat open.
+const CLUSTER_AND_POLICY: &str = r#"
 [cluster]
-# Longer than the lock is held, so what the policy decides is what participants see.
 lease_ms = 6000
 renew_ms = 1000
 
 [plugins.save-error-policy]
 file = "builtin:default-policy"
 settings = { resend_attempts = "2", resend_delay_ms = "200", on_error = "continue" }
-"#,
-    );
+"#;
+
+/// Once the fault is gone: the customer resends the refused message with the same
+/// client_msg_id and it is stored once, the agent sends one more, and after kill -9 and a
+/// restart on the same data every acknowledged message is there exactly once.
+async fn after_the_fault(
+    server: Server,
+    data: &Path,
+    config: &Path,
+    (mut customer, mut agent): (Participant, Participant),
+    (first, first_text): (parley::client::Reply, &str),
+    refused_text: &str,
+    after_text: &str,
+) {
+    let resent = customer.send(refused_text, "m2").await;
+    assert_eq!(resent.status, 200, "{:?}", resent.body);
+    let after = agent.send(after_text, "a1").await;
+    assert_eq!(after.status, 200, "{:?}", after.body);
+    let expected = vec![
+        (first.body["seq"].as_u64().unwrap(), first_text.to_string()),
+        (resent.body["seq"].as_u64().unwrap(), refused_text.to_string()),
+        (after.body["seq"].as_u64().unwrap(), after_text.to_string()),
+    ];
+    assert_eq!(messages(&customer.transcript().await), expected);
+    server.kill9();
+    let server = Server::start(data, Some(config));
+    customer.moved_to(&server);
+    assert_eq!(messages(&customer.transcript().await), expected, "every acknowledged message survived, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_locked_by_another_process_then_released() {
+    let data = Scratch::new("locked");
+    let config = data.deployment(&format!(
+        "[sqlite]\nbusy_timeout_ms = 200\n{CLUSTER_AND_POLICY}"
+    ));
     let server = Server::start(data.path(), Some(&config));
     let (mut customer, mut agent) = open_chat(&server, "Ann").await;
     let first = customer.send("before the lock", "m1").await;
@@ -69,22 +99,7 @@ settings = { resend_attempts = "2", resend_delay_ms = "200", on_error = "continu
     release_tx.send(()).unwrap();
     holder.join().unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // The sender resends the refused message with the same client_msg_id: stored once now.
-    let resent = customer.send("during the lock", "m2").await;
-    assert_eq!(resent.status, 200, "{:?}", resent.body);
-    let after = agent.send("after the lock", "a1").await;
-    assert_eq!(after.status, 200);
-    let expected = vec![
-        (first.body["seq"].as_u64().unwrap(), "before the lock".to_string()),
-        (resent.body["seq"].as_u64().unwrap(), "during the lock".to_string()),
-        (after.body["seq"].as_u64().unwrap(), "after the lock".to_string()),
-    ];
-    assert_eq!(messages(&customer.transcript().await), expected);
-    // And it is on disk: kill -9 and restart.
-    server.kill9();
-    let server = Server::start(data.path(), Some(&config));
-    customer.moved_to(&server);
-    assert_eq!(messages(&customer.transcript().await), expected, "every acknowledged message survived, once");
+    after_the_fault(server, data.path(), &config, (customer, agent), (first, "before the lock"), "during the lock", "after the lock").await;
 }
 
 /// Unmounts the small filesystem the full-disk test runs on.
@@ -124,19 +139,9 @@ async fn a_full_disk_refuses_messages_until_space_is_freed() {
         String::from_utf8_lossy(&mounted.stderr)
     );
     let _mounted = Mounted(data.clone());
-    let config = scratch.deployment(
-        r#"
-[cluster]
-lease_ms = 8000
-renew_ms = 1000
-
-[plugins.save-error-policy]
-file = "builtin:default-policy"
-settings = { resend_attempts = "2", resend_delay_ms = "200", on_error = "continue" }
-"#,
-    );
+    let config = scratch.deployment(CLUSTER_AND_POLICY);
     let server = Server::start(&data, Some(&config));
-    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+    let (mut customer, agent) = open_chat(&server, "Ann").await;
     let first = customer.send("before the disk filled up", "m1").await;
     assert_eq!(first.status, 200);
 
@@ -148,19 +153,5 @@ settings = { resend_attempts = "2", resend_delay_ms = "200", on_error = "continu
 
     std::fs::remove_file(&filler).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let resent = customer.send("while the disk is full", "m2").await;
-    assert_eq!(resent.status, 200, "{:?}", resent.body);
-    let after = agent.send("after space was freed", "a1").await;
-    assert_eq!(after.status, 200, "{:?}", after.body);
-    let expected = vec![
-        (first.body["seq"].as_u64().unwrap(), "before the disk filled up".to_string()),
-        (resent.body["seq"].as_u64().unwrap(), "while the disk is full".to_string()),
-        (after.body["seq"].as_u64().unwrap(), "after space was freed".to_string()),
-    ];
-    assert_eq!(messages(&customer.transcript().await), expected);
-    server.kill9();
-    let server = Server::start(&data, Some(&config));
-    customer.moved_to(&server);
-    assert_eq!(messages(&customer.transcript().await), expected, "every acknowledged message survived, once");
-    drop(server);
+    after_the_fault(server, &data, &config, (customer, agent), (first, "before the disk filled up"), "while the disk is full", "after space was freed").await;
 }
