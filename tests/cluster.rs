@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::scenarios::{assert_dense, busy_chat};
+use common::scenarios::{assert_dense, busy_chat, verify_busy_chats};
 use common::*;
 use parley::client::{Client, FailoverClient};
 use serde_json::{Value, json};
@@ -265,15 +265,8 @@ async fn a_rolling_upgrade_under_load_loses_nothing() {
     }
     stop.store(true, Ordering::Relaxed);
 
-    let mut reader = Client::new(&addrs[0]);
-    let mut total = 0;
-    for chat in chats {
-        let (chat_id, token, acked, _) = chat.await.unwrap();
-        let t = reader.get(&format!("/v1/chats/{chat_id}/transcript"), Some(&token)).await.unwrap().ok().unwrap();
-        assert_eq!(messages(&t), acked, "chat {chat_id}");
-        assert_dense(&t);
-        total += acked.len();
-    }
+    let verified = verify_busy_chats(&mut Client::new(&addrs[0]), chats).await;
+    let total: usize = verified.iter().map(|(_, acked, _)| acked).sum();
     assert!(total > 300, "load ran throughout: {total}");
     // The counters add up: every chat is open on exactly one of the new instances, and the
     // new instances took them over by restores (none was created anew).

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::scenarios::{assert_dense, busy_chat};
+use common::scenarios::{busy_chat, verify_busy_chats};
 use common::*;
 use parley::client::Client;
 use rand::Rng;
@@ -56,15 +56,8 @@ async fn a_cluster_under_load_with_random_kill_9_loses_nothing() {
     }
     stop.store(true, Ordering::Relaxed);
 
-    let mut reader = Client::new(&steady.addr);
-    let mut total = 0;
-    for chat in chats {
-        let (chat_id, token, acked, _) = chat.await.unwrap();
-        let t = reader.get(&format!("/v1/chats/{chat_id}/transcript"), Some(&token)).await.unwrap().ok().unwrap();
-        assert_eq!(messages(&t), acked, "chat {chat_id}: exactly the acknowledged messages, once each, in order");
-        assert_dense(&t);
-        total += acked.len();
-    }
+    let verified = verify_busy_chats(&mut Client::new(&steady.addr), chats).await;
+    let total: usize = verified.iter().map(|(_, acked, _)| acked).sum();
     let end_rss = rss_kib(steady.pid());
     let baseline = baseline.unwrap_or(end_rss);
     println!("soak: {seconds} s, {kills} kills, {total} messages acknowledged and verified, steady instance RSS {baseline} KiB -> {end_rss} KiB");

@@ -179,7 +179,9 @@ pub async fn reference_guide_test(servers: Vec<Server>) {
 /// A customer who opens a chat through `order` (the failover client's instance list) and
 /// sends a message every `pause` until `stop`; every request must succeed as the client sees
 /// it. Returns the chat, its token, and each acknowledged (seq, text) with when it was acked.
-pub fn busy_chat(i: usize, order: Vec<String>, stop: Arc<AtomicBool>, pause: Duration) -> tokio::task::JoinHandle<(String, String, Vec<(u64, String)>, Vec<Instant>)> {
+pub type BusyChat = tokio::task::JoinHandle<(String, String, Vec<(u64, String)>, Vec<Instant>)>;
+
+pub fn busy_chat(i: usize, order: Vec<String>, stop: Arc<AtomicBool>, pause: Duration) -> BusyChat {
     tokio::spawn(async move {
         let mut client = FailoverClient::new(&order);
         let created = client.post("/v1/chats", None, json!({"nickname": format!("C{i}")})).await.unwrap().ok().unwrap();
@@ -201,6 +203,21 @@ pub fn busy_chat(i: usize, order: Vec<String>, stop: Arc<AtomicBool>, pause: Dur
     })
 }
 
+/// Waits for each busy chat to stop and checks, through `reader`, that its transcript holds
+/// exactly the acknowledged messages, once each, in order, with dense seqs. Returns each
+/// chat's id, number of acknowledged messages and when they were acknowledged.
+pub async fn verify_busy_chats(reader: &mut Client, chats: Vec<BusyChat>) -> Vec<(String, usize, Vec<Instant>)> {
+    let mut verified = Vec::with_capacity(chats.len());
+    for chat in chats {
+        let (chat_id, token, acked, when) = chat.await.unwrap();
+        let t = reader.get(&format!("/v1/chats/{chat_id}/transcript"), Some(&token)).await.unwrap().ok().unwrap();
+        assert_eq!(messages(&t), acked, "chat {chat_id}: exactly the acknowledged messages, once each, in order");
+        assert_dense(&t);
+        verified.push((chat_id, acked.len(), when));
+    }
+    verified
+}
+
 /// 200 chats with messages in flight on three instances; one instance is killed with SIGKILL.
 /// Every acknowledged message is stored exactly once, and every chat goes on.
 pub async fn busy_chats_survive_kill_9(mut servers: Vec<Server>) {
@@ -219,15 +236,10 @@ pub async fn busy_chats_survive_kill_9(mut servers: Vec<Server>) {
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.store(true, Ordering::Relaxed);
 
-    let mut reader = Client::new(&servers[0].addr);
     let mut total = 0;
-    for chat in chats {
-        let (chat_id, token, acked, when) = chat.await.unwrap();
+    for (chat_id, acked, when) in verify_busy_chats(&mut Client::new(&servers[0].addr), chats).await {
         assert!(when.iter().any(|t| *t > killed), "chat {chat_id} went on after the kill");
-        let t = reader.get(&format!("/v1/chats/{chat_id}/transcript"), Some(&token)).await.unwrap().ok().unwrap();
-        assert_eq!(messages(&t), acked, "chat {chat_id}: exactly the acknowledged messages, once each, in order");
-        assert_dense(&t);
-        total += acked.len();
+        total += acked;
     }
     let (k1, k2) = (servers[0].kpi().await, servers[1].kpi().await);
     let restored = k1["session_restored"].as_u64().unwrap() + k2["session_restored"].as_u64().unwrap();
