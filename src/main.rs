@@ -245,8 +245,12 @@ async fn demo(data: PathBuf, port: u16) -> anyhow::Result<()> {
     println!("  agent token: {agent}");
     println!("  admin token: {admin}");
     let first = &instances[0].addr;
-    println!("Try: curl -s -XPOST http://{first}/v1/chats -d '{{\"nickname\":\"Ann\"}}'");
-    println!("     then use the chat through any instance, kill -9 the pid of the one named in the parley-instance header, and go on.");
+    let second = &instances[1].addr;
+    println!("Open in a browser:");
+    println!("  customer widget (demo shop page): http://{first}/widget/");
+    println!("  agent console:                    http://{second}/agent/   (sign in with the agent token above)");
+    println!("Chat between the two, then kill -9 the pid of the instance the widget says serves the chat: both pages carry on.");
+    println!("Or with curl: curl -s -XPOST http://{first}/v1/chats -d '{{\"nickname\":\"Ann\"}}'");
     println!("Ctrl-C stops all three.");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut watch = tokio::time::interval(std::time::Duration::from_millis(500));

@@ -202,8 +202,12 @@ async fn the_demo_runs_a_three_instance_cluster() {
     let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
     let mut demo = Demo(demo);
     let mut addrs = Vec::new();
+    let mut pages = Vec::new();
     for line in lines.by_ref() {
         let line = line.unwrap();
+        if line.contains("widget") || line.contains("console") {
+            pages.extend(line.split_whitespace().filter_map(|w| w.strip_prefix("http://")).map(str::to_string));
+        }
         if line.trim_start().starts_with("instance")
             && let Some(a) = line.split("http://").nth(1)
         {
@@ -214,6 +218,23 @@ async fn the_demo_runs_a_three_instance_cluster() {
         }
     }
     assert_eq!(addrs, (0..3).map(|i| format!("127.0.0.1:{}", port + i)).collect::<Vec<_>>());
+    // The widget's demo page and the agent console, each listing the cluster's instances for
+    // failover once the instance has seen the others (at its next lease renewal).
+    assert_eq!(pages, [format!("{}/widget/", addrs[0]), format!("{}/agent/", addrs[1])], "the demo prints the two pages' URLs");
+    for page in &pages {
+        let (authority, path) = page.split_once('/').unwrap();
+        let lists_all = |html: &str| addrs.iter().all(|a| html.contains(&format!("http://{a}")));
+        let mut html = http_get(authority, &format!("/{path}"));
+        for _ in 0..30 {
+            if lists_all(&html) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            html = http_get(authority, &format!("/{path}"));
+        }
+        assert!(html.starts_with("HTTP/1.1 200") && html.contains("text/html"), "{page}: {html}");
+        assert!(lists_all(&html), "{page} lists every instance for failover: {html}");
+    }
 
     let mut first = Client::new(&addrs[0]);
     let created = first.post("/v1/chats", None, json!({"nickname": "Ann"})).await.unwrap().ok().unwrap();
@@ -416,4 +437,14 @@ async fn closes_and_moves_reach_the_webhook() {
     let got = received.lock().unwrap().clone();
     assert!(got.contains(&json!({"chat_id": a1.chat_id, "kind": "chat-closed", "detail": "solved"})), "{got:?}");
     assert!(got.contains(&json!({"chat_id": c2.chat_id, "kind": "chat-moved", "detail": servers[0].id})), "{got:?}");
+}
+
+/// A plain HTTP/1.1 GET, the whole answer (head and body) as text.
+fn http_get(authority: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(authority).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
 }

@@ -45,6 +45,10 @@ struct Wire<'a> {
     nickname: &'a str,
     text: &'a str,
     at: u64,
+    /// On messages: the sender's id for it, so a client can match its own unacknowledged
+    /// message when it arrives as an event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_msg_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     typing: Option<bool>,
 }
@@ -85,6 +89,7 @@ impl Event {
             nickname: &nickname,
             text: &text,
             at: at_ms,
+            client_msg_id: client_msg_id.as_deref().filter(|id| !id.is_empty()),
             typing,
         })
         .expect("event serializes")

@@ -1,7 +1,7 @@
 //! The public HTTP API v1 (see openapi.json at the top of the repository): routing, input
 //! checks that turn bad input into a 4xx JSON error naming the problem, and the handlers.
 
-use super::{App, proxy, ws};
+use super::{App, proxy, web, ws};
 use crate::chat::{ChatError, ChatHandle, Event, Member, Requester, Role, Whereabouts};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -63,7 +63,16 @@ impl From<ChatError> for ApiError {
 type Reply = Result<Response<Body>, ApiError>;
 
 pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    let mut response = handle(&app, req).await.unwrap_or_else(|e| error_response(&e));
+    let mut response = if req.method() == Method::OPTIONS {
+        web::preflight()
+    } else if req.method() == Method::GET
+        && let Some(page) = web::asset(&app, req.uri().path())
+    {
+        page
+    } else {
+        handle(&app, req).await.unwrap_or_else(|e| error_response(&e))
+    };
+    web::allow_cross_origin(&mut response);
     // A response passed on from a chat's owner keeps the owner's name: it served the chat.
     if !response.headers().contains_key("parley-instance")
         && let Ok(v) = HeaderValue::from_str(&app.instance_id)

@@ -3,6 +3,7 @@
 
 mod api;
 mod proxy;
+mod web;
 mod ws;
 
 pub use proxy::Peers;

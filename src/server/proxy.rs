@@ -87,7 +87,7 @@ pub async fn forward(app: &App, owner: &Peer, req: &Request<Bytes>) -> Result<Re
     app.kpi.requests_proxied.fetch_add(1, Ordering::Relaxed);
     let mut out = Response::new(Full::new(body));
     *out.status_mut() = parts.status;
-    for name in [header::CONTENT_TYPE, HeaderName::from_static("parley-instance")] {
+    for name in [header::CONTENT_TYPE, header::RETRY_AFTER, HeaderName::from_static("parley-instance")] {
         if let Some(v) = parts.headers.get(&name) {
             out.headers_mut().insert(name, v.clone());
         }

@@ -1,0 +1,184 @@
+// Drives two real pages in headless Chromium against a three-instance Parley cluster that
+// tests/browser.rs started: a customer on the widget demo page and an agent on the console
+// chat; the instance that owns the chat is killed with SIGKILL mid-chat; both pages go on.
+// Writes what each page shows (every list item of each transcript) to the result file for
+// the Rust side to compare with the server's transcript, and screenshots to the artifacts.
+//
+// Input (environment): PARLEY_BROWSER_TEST = {"instances":[{"id","url","pid"}], "agent_token",
+// "artifacts", "result"}.
+
+import { chromium } from "playwright-core";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+
+const cfg = JSON.parse(process.env.PARLEY_BROWSER_TEST);
+const [a, b] = cfg.instances;
+const shot = (page, name) => page.screenshot({ path: join(cfg.artifacts, `${name}.png`) });
+const log = (...args) => console.log("[browser]", ...args);
+
+function check(ok, message) {
+  if (!ok) throw new Error(`check failed: ${message}`);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const problems = [];
+async function page(viewport) {
+  const context = await browser.newContext({ viewport });
+  const p = await context.newPage();
+  p.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  p.setDefaultTimeout(20000);
+  return p;
+}
+
+/** Every item of a page's transcript list(s), in the order shown. */
+const items = (p) =>
+  p.$$eval("ol.parley-log li", (lis) =>
+    lis.map((li) => ({
+      seq: li.dataset.seq ? Number(li.dataset.seq) : null,
+      kind: li.dataset.kind,
+      state: li.dataset.state,
+      mine: li.dataset.mine === "true",
+      text: li.querySelector(".parley-text")?.textContent ?? "",
+    })),
+  );
+
+/** Waits until the page shows each text as a message, own ones acknowledged ("sent"). */
+async function shows(p, texts, who) {
+  await p.waitForFunction(
+    (texts) => {
+      const lis = [...document.querySelectorAll("ol.parley-log li[data-kind=message]")];
+      return texts.every((t) => lis.some((li) => li.querySelector(".parley-text").textContent === t && (li.dataset.state === "sent" || li.dataset.state === "received")));
+    },
+    texts,
+    { timeout: 30000 },
+  ).catch(async (e) => {
+    throw new Error(`${who} does not show ${JSON.stringify(texts)} as delivered: ${JSON.stringify(await items(p))} (${e.message})`);
+  });
+}
+
+async function focused(p) {
+  return p.evaluate(() => {
+    const e = document.activeElement;
+    return e ? (e.labels && e.labels[0] ? e.labels[0].textContent.trim() : e.textContent.trim() || e.id) : "";
+  });
+}
+
+try {
+  // --- The customer, keyboard only, on the widget's demo page served by A. ---
+  const customer = await page({ width: 900, height: 720 });
+  await customer.goto(`${a.url}/widget/`);
+  // Tab goes through the page's own links and code sample, then reaches the widget.
+  const path = [];
+  for (let i = 0; i < 6 && path[path.length - 1] !== "Chat with us"; i++) {
+    await customer.keyboard.press("Tab");
+    path.push((await focused(customer)).slice(0, 40));
+  }
+  check(path[path.length - 1] === "Chat with us", `Tab reaches the widget's button: focus went ${JSON.stringify(path)}`);
+  await customer.keyboard.press("Enter");
+  check((await focused(customer)).startsWith("Your name"), "opening the widget focuses the name field");
+  await customer.keyboard.type("Ann 安娜");
+  await customer.keyboard.press("Tab");
+  check((await focused(customer)).startsWith("What is it about?"), "Tab goes on to the subject");
+  await customer.keyboard.type("Order #42 — 配達はいつ?");
+  await customer.keyboard.press("Enter");
+  await customer.waitForSelector(".parley-status[data-state=connected]");
+  check((await focused(customer)).startsWith("Message"), "the message box has the focus once the chat started");
+  const owner = await customer.$eval(".parley-widget", (w) => w.dataset.instance);
+  log("chat started, served by", owner);
+
+  // --- The agent signs in on the console served by B and joins from the queue. ---
+  const agent = await page({ width: 1100, height: 760 });
+  await agent.goto(`${b.url}/agent/`);
+  await agent.getByLabel("Agent token").fill(cfg.agent_token);
+  await agent.getByLabel("Your name (customers see it)").fill("Bob");
+  await agent.getByLabel("Your name (customers see it)").press("Enter");
+  await agent.getByRole("button", { name: "Join the chat with Ann 安娜" }).click();
+  const card = agent.locator("article.chat");
+  await card.locator(".parley-status[data-state=connected]").waitFor();
+  check((await card.getAttribute("data-instance")) === owner, "the console shows the instance that owns the chat");
+  const reply = agent.getByLabel("Message to Ann 安娜");
+
+  // --- They talk: Enter sends, non-ASCII both ways. ---
+  const before = [
+    ["customer", "Hello! こんにちは、注文番号は42です"],
+    ["agent", "Hi Ann, let me check. 안녕하세요"],
+    ["customer", "مرحبا — it was due Monday"],
+    ["agent", "שלום, it left the warehouse today 📦"],
+    ["customer", "Thanks 👩‍👩‍👧 family order, Ünïcödé é"],
+    ["agent", "It arrives tomorrow, 明日届きます"],
+  ];
+  for (const [who, text] of before) {
+    if (who === "customer") {
+      await customer.keyboard.type(text);
+      await customer.keyboard.press("Enter");
+    } else {
+      await reply.fill(text);
+      await reply.press("Enter");
+    }
+  }
+  const texts = (list) => list.map(([, t]) => t);
+  await shows(customer, texts(before), "the customer page");
+  await shows(agent, texts(before), "the agent page");
+  await shot(customer, "customer-1-before-failover");
+  await shot(agent, "agent-1-before-failover");
+
+  // --- The owner dies mid-chat; both type during the outage. ---
+  const victim = cfg.instances.find((i) => i.id === owner);
+  check(victim, `the owner ${owner} is one of the cluster's instances`);
+  process.kill(victim.pid, "SIGKILL");
+  log("killed", owner, "pid", victim.pid);
+  const during = [
+    ["customer", "Are you still there? まだいますか"],
+    ["agent", "Still here — 대기 중"],
+  ];
+  await customer.keyboard.type(during[0][1]);
+  await customer.keyboard.press("Enter");
+  await reply.fill(during[1][1]);
+  await reply.press("Enter");
+  // The customer's page talked to the dead instance itself: it reconnects elsewhere. The
+  // agent's requests go through B, which holds them until it restored the chat.
+  await customer.waitForSelector(".parley-status[data-state=reconnecting]", { timeout: 10000 });
+  for (const [p, text, who] of [[customer, during[0][1], "customer"], [agent, during[1][1], "agent"]]) {
+    const waiting = (await items(p)).filter((i) => i.mine && i.text === text);
+    check(waiting.length === 1 && waiting[0].state === "sending", `the ${who}'s message typed during the outage shows as sending, not sent: ${JSON.stringify(waiting)}`);
+  }
+  await shot(customer, "customer-2-reconnecting");
+  await shot(agent, "agent-2-reconnecting");
+
+  await customer.waitForSelector(".parley-status[data-state=restored]", { timeout: 30000 });
+  await card.locator(".parley-status[data-state=restored]").waitFor({ timeout: 30000 });
+  const restoredOn = await customer.$eval(".parley-widget", (w) => w.dataset.instance);
+  check(restoredOn && restoredOn !== owner, `restored on another instance (${restoredOn}), not ${owner}`);
+  check((await card.getAttribute("data-instance")) === restoredOn, "both pages show the same new instance");
+  await shows(customer, texts(during), "the customer page after the failover");
+  await shows(agent, texts(during), "the agent page after the failover");
+
+  const after = [
+    ["customer", "Great, thank you! ありがとう"],
+    ["agent", "You're welcome, Ann 🙂"],
+  ];
+  await customer.keyboard.type(after[0][1]);
+  await customer.keyboard.press("Enter");
+  await reply.fill(after[1][1]);
+  await reply.press("Enter");
+  await shows(customer, texts(after), "the customer page");
+  await shows(agent, texts(after), "the agent page");
+  await shot(customer, "customer-3-after-failover");
+  await shot(agent, "agent-3-after-failover");
+
+  const shown = { customer: await items(customer), agent: await items(agent) };
+  const statusLine = {
+    customer: await customer.$eval(".parley-status", (s) => s.textContent),
+    agent: await card.locator(".parley-status").textContent(),
+  };
+  check(problems.length === 0, `no script errors on the pages: ${problems.join("; ")}`);
+  const chat = await customer.evaluate(() => JSON.parse(sessionStorage.getItem("parley-widget-chat")));
+  writeFileSync(cfg.result, JSON.stringify({ chat_id: chat.chatId, customer_token: chat.token, owner, restored_on: restoredOn, status: statusLine, sent: [...before, ...during, ...after], shown }, null, 1));
+  log("done; restored on", restoredOn);
+} finally {
+  await browser.close();
+}

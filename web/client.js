@@ -1,0 +1,306 @@
+/* Parley browser client: talks to any instance of a Parley cluster and moves to another one
+ * when an instance fails, the way ARCHITECTURE.md's failover client does.
+ *
+ *   const cluster = new Parley.Cluster(["http://127.0.0.1:8081", "http://127.0.0.1:8082"]);
+ *   const chat = await Parley.startChat(cluster, { nickname: "Ann", subject: "My order" });
+ *   const session = new Parley.ChatSession(cluster, chat, { event: (e) => ..., status: (s) => ... });
+ *   session.start();
+ *   session.send("Hello!");      // acknowledged (saved) when its `acked` handler says so
+ *
+ * - Every request goes to the current instance; when it cannot be reached or answers "try
+ *   again" (408, 429, 5xx) the client moves to the next instance, waiting a random time up to
+ *   an exponentially growing cap (full jitter), and tries again.
+ * - Events are read by long poll after the last seq seen, so a poll answered by another
+ *   instance resumes exactly where the last one stopped: nothing missed, nothing twice.
+ * - Messages are sent one after another, each with its client_msg_id, and resent with the
+ *   same id until the server acknowledges it with a seq: a resend never stores it twice.
+ * - Every answer names the instance that served the chat (Parley-Instance), so a page can
+ *   show where its chat lives and that it was restored elsewhere.
+ */
+(function (global) {
+  "use strict";
+  if (global.Parley && global.Parley.Cluster) return;
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  /** A random UUID (v4); works outside secure contexts too. */
+  function newId() {
+    const b = new Uint8Array(16);
+    global.crypto.getRandomValues(b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+    return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+  }
+
+  /** An answer the client will not retry, or the last problem when it gave up. */
+  class ApiError extends Error {
+    constructor(status, code, message, instance) {
+      super(message || code);
+      this.status = status;
+      this.code = code;
+      this.instance = instance;
+    }
+  }
+
+  // Answers after which the same request may succeed later or elsewhere.
+  const RETRY = new Set([408, 429, 500, 502, 503, 504]);
+
+  class Cluster {
+    /** `instances`: addresses of the cluster's instances (or one load balancer's). */
+    constructor(instances, options = {}) {
+      const list = (typeof instances === "string" ? instances.split(/[\s,]+/) : instances || []).map((s) => s.trim().replace(/\/+$/, "")).filter(Boolean);
+      this.instances = list.length ? list : [global.location.origin];
+      this.current = 0;
+      this.baseDelayMs = options.baseDelayMs ?? 200;
+      this.maxDelayMs = options.maxDelayMs ?? 5000;
+      this.timeoutMs = options.timeoutMs ?? 15000;
+    }
+
+    /** Full jitter: a random wait up to base * 2^attempt, capped. */
+    backoff(attempt) {
+      return Math.random() * Math.min(this.maxDelayMs, this.baseDelayMs * 2 ** attempt);
+    }
+
+    /**
+     * Sends one request, moving between instances until it is answered for good or
+     * `attempts` ran out. Resolves to {status, body, instance}; rejects with ApiError.
+     * `onRetry(problem)` is told each time the request is tried again.
+     */
+    async request(method, path, { token, body, timeoutMs, attempts = Infinity, onRetry, signal } = {}) {
+      for (let attempt = 0; ; attempt++) {
+        const base = this.instances[this.current];
+        let problem;
+        let wait = null;
+        try {
+          const answer = await this.once(base, method, path, token, body, timeoutMs ?? this.timeoutMs, signal);
+          const error = answer.body && answer.body.error;
+          if (!RETRY.has(answer.status)) {
+            if (answer.status >= 400) throw new ApiError(answer.status, error ? error.code : "http_" + answer.status, error ? error.message : "", answer.instance);
+            return answer;
+          }
+          problem = new ApiError(answer.status, error ? error.code : "http_" + answer.status, error ? error.message : "", answer.instance);
+          // Rate limited: the same instance, after the time it named.
+          if (answer.status === 429) wait = Number(answer.retryAfter || 1) * 1000;
+        } catch (e) {
+          if (e instanceof ApiError) throw e;
+          if (signal && signal.aborted) throw new ApiError(0, "aborted", "stopped");
+          problem = new ApiError(0, "unreachable", `${base} did not answer (${e.message || e})`);
+        }
+        if (attempt + 1 >= attempts) throw problem;
+        if (wait === null) {
+          this.current = (this.current + 1) % this.instances.length;
+          wait = this.backoff(attempt);
+        }
+        if (onRetry) onRetry(problem, attempt);
+        await sleep(wait);
+        if (signal && signal.aborted) throw new ApiError(0, "aborted", "stopped");
+      }
+    }
+
+    async once(base, method, path, token, body, timeoutMs, signal) {
+      const ctl = new AbortController();
+      const timer = setTimeout(() => ctl.abort(), timeoutMs);
+      const stop = () => ctl.abort();
+      if (signal) signal.addEventListener("abort", stop);
+      try {
+        const headers = {};
+        if (token) headers.authorization = "Bearer " + token;
+        if (body !== undefined) headers["content-type"] = "application/json";
+        const res = await fetch(base + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal: ctl.signal, cache: "no-store" });
+        const text = await res.text();
+        let json = null;
+        try {
+          json = text ? JSON.parse(text) : null;
+        } catch (_) {
+          json = null;
+        }
+        return { status: res.status, body: json, instance: res.headers.get("parley-instance"), retryAfter: res.headers.get("retry-after") };
+      } finally {
+        clearTimeout(timer);
+        if (signal) signal.removeEventListener("abort", stop);
+      }
+    }
+  }
+
+  /**
+   * A customer starts a chat. Tried on a few instances: an instance that refuses (draining,
+   * full) answers before creating anything.
+   */
+  async function startChat(cluster, { nickname, subject = "", userData } = {}) {
+    const body = { nickname, subject };
+    if (userData) body.user_data = userData;
+    const r = await cluster.request("POST", "/v1/chats", { body, attempts: 2 * cluster.instances.length + 2 });
+    return { chatId: r.body.chat_id, participantId: r.body.participant_id, token: r.body.token, instance: r.instance };
+  }
+
+  /** What an agent does outside a chat: look at the queue and join chats. */
+  class Agent {
+    constructor(cluster, agentToken) {
+      this.cluster = cluster;
+      this.token = agentToken;
+    }
+    /** {chats: [{chat_id, nickname, subject, waiting_since, instance}], unreachable: [...]} */
+    async queue() {
+      const r = await this.cluster.request("GET", "/v1/queue", { token: this.token, attempts: this.cluster.instances.length + 1 });
+      return r.body;
+    }
+    async join(chatId, nickname) {
+      const r = await this.cluster.request("POST", `/v1/chats/${encodeURIComponent(chatId)}/join`, { token: this.token, body: { nickname }, attempts: this.cluster.instances.length + 2 });
+      return { chatId, participantId: r.body.participant_id, token: r.body.token, instance: r.instance };
+    }
+  }
+
+  /**
+   * One participant's view of one chat: events in seq order, own messages sent in order and
+   * acknowledged, the instance that serves the chat.
+   * Handlers: event(e) for transcript events (and notices), typing(e), outbox(message) when a
+   * message is queued, acked(message) when it was saved (state "sent") or refused ("failed"),
+   * status(state, detail) with state "connecting" | "connected" | "reconnecting" |
+   * "restored" | "closed" | "failed".
+   */
+  class ChatSession {
+    constructor(cluster, { chatId, participantId, token }, handlers = {}) {
+      this.cluster = cluster;
+      this.chatId = chatId;
+      this.participantId = participantId;
+      this.token = token;
+      this.on = handlers;
+      this.after = 0;
+      this.instance = null;
+      this.state = "connecting";
+      this.outbox = [];
+      this.flushing = false;
+      this.abort = new AbortController();
+      this.path = `/v1/chats/${encodeURIComponent(chatId)}`;
+    }
+
+    start() {
+      this.poll();
+      return this;
+    }
+
+    /** Stops polling and sending (the chat goes on for the others). */
+    stop() {
+      this.abort.abort();
+    }
+
+    get stopped() {
+      return this.abort.signal.aborted;
+    }
+
+    setStatus(state, detail) {
+      this.state = state;
+      if (this.on.status) this.on.status(state, detail);
+    }
+
+    /** A request was answered: note which instance serves the chat now. */
+    answered(instance) {
+      if (this.state === "closed" || this.state === "failed") return;
+      const moved = instance && this.instance && instance !== this.instance;
+      if (instance) this.instance = instance;
+      if (moved) this.setStatus("restored", instance);
+      else if (this.state !== "connected" && this.state !== "restored") this.setStatus("connected", this.instance);
+    }
+
+    retrying = (problem) => {
+      if (this.state !== "closed" && this.state !== "failed") this.setStatus("reconnecting", problem.message);
+    };
+
+    async poll() {
+      while (!this.stopped && this.state !== "closed") {
+        const asked = Date.now();
+        let r;
+        try {
+          r = await this.cluster.request("GET", `${this.path}/events?after=${this.after}&wait_ms=25000`, {
+            token: this.token,
+            timeoutMs: 35000,
+            signal: this.abort.signal,
+            onRetry: this.retrying,
+          });
+        } catch (e) {
+          if (!this.stopped) this.setStatus("failed", e.message);
+          return;
+        }
+        this.answered(r.instance);
+        const events = (r.body && r.body.events) || [];
+        for (const e of events) this.deliver(e);
+        // A closed chat answers at once; never spin on empty answers.
+        if (events.length === 0 && Date.now() - asked < 1000) await sleep(1000);
+      }
+    }
+
+    deliver(e) {
+      if (e.kind === "typing") {
+        if (e.participant_id !== this.participantId && this.on.typing) this.on.typing(e);
+        return;
+      }
+      if (e.seq === undefined) {
+        if (this.on.event) this.on.event(e);
+        return;
+      }
+      if (e.seq <= this.after) return; // seen already: a poll answered twice
+      this.after = e.seq;
+      if (this.on.event) this.on.event(e);
+      if (e.kind === "closed") {
+        this.setStatus("closed", e.text);
+        this.stop();
+      }
+    }
+
+    /** Queues a message; it is sent after the ones before it. Returns the outbox entry. */
+    send(text) {
+      const message = { clientMsgId: newId(), text, state: "sending", seq: null, error: null };
+      this.outbox.push(message);
+      if (this.on.outbox) this.on.outbox(message);
+      this.flush();
+      return message;
+    }
+
+    async flush() {
+      if (this.flushing) return;
+      this.flushing = true;
+      try {
+        for (;;) {
+          const message = this.outbox.find((m) => m.state === "sending");
+          if (!message || this.stopped) break;
+          try {
+            const r = await this.cluster.request("POST", `${this.path}/messages`, {
+              token: this.token,
+              body: { text: message.text, client_msg_id: message.clientMsgId },
+              signal: this.abort.signal,
+              onRetry: this.retrying,
+            });
+            message.seq = r.body.seq;
+            message.state = "sent";
+            this.answered(r.instance);
+          } catch (e) {
+            if (this.stopped && e.code === "aborted") break;
+            message.state = "failed";
+            message.error = e;
+          }
+          if (this.on.acked) this.on.acked(message);
+        }
+      } finally {
+        this.flushing = false;
+      }
+    }
+
+    /** Best effort: one try, no retry (a lost typing event harms no one). */
+    typing(on) {
+      this.cluster.request("POST", `${this.path}/typing`, { token: this.token, body: { typing: !!on }, attempts: 1, timeoutMs: 3000 }).catch(() => {});
+    }
+
+    async leave() {
+      await this.cluster.request("POST", `${this.path}/leave`, { token: this.token, attempts: 2 * this.cluster.instances.length + 2 });
+      this.stop();
+    }
+
+    /** An agent ends the chat for everyone; the closed event arrives by poll. */
+    async close() {
+      await this.cluster.request("POST", `${this.path}/close`, { token: this.token, body: {}, attempts: 2 * this.cluster.instances.length + 2 });
+    }
+  }
+
+  global.Parley = { Cluster, ChatSession, Agent, ApiError, startChat, newId };
+})(typeof window !== "undefined" ? window : globalThis);
