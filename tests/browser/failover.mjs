@@ -13,7 +13,7 @@ import { join } from "node:path";
 
 const cfg = JSON.parse(process.env.PARLEY_BROWSER_TEST);
 const [a, b] = cfg.instances;
-const shot = (page, name) => page.screenshot({ path: join(cfg.artifacts, `${name}.png`) });
+const shot = (page, name) => page.screenshot({ path: join(cfg.artifacts, `${name}.png`), fullPage: true });
 const log = (...args) => console.log("[browser]", ...args);
 
 function check(ok, message) {
@@ -91,13 +91,13 @@ try {
   log("chat started, served by", owner);
 
   // --- The agent signs in on the console served by B and joins from the queue. ---
-  const agent = await page({ width: 1100, height: 760 });
+  const agent = await page({ width: 1280, height: 800 });
   await agent.goto(`${b.url}/agent/`);
   await agent.getByLabel("Agent token").fill(cfg.agent_token);
   await agent.getByLabel("Your name (customers see it)").fill("Bob");
   await agent.getByLabel("Your name (customers see it)").press("Enter");
   await agent.getByRole("button", { name: "Join the chat with Ann 安娜" }).click();
-  const card = agent.locator("article.chat");
+  const card = agent.locator("article.chat", { hasText: "Ann 安娜" });
   await card.locator(".parley-status[data-state=connected]").waitFor();
   check((await card.getAttribute("data-instance")) === owner, "the console shows the instance that owns the chat");
   const reply = agent.getByLabel("Message to Ann 安娜");
@@ -170,7 +170,40 @@ try {
   await shot(customer, "customer-3-after-failover");
   await shot(agent, "agent-3-after-failover");
 
-  const shown = { customer: await items(customer), agent: await items(agent) };
+  // --- A second customer, on the page served by C: the agent works both chats at once,
+  // sees typing both ways, and closes the second one. ---
+  const c = cfg.instances.find((i) => i.id !== owner && i.id !== b.id) || b;
+  const second = await page({ width: 900, height: 720 });
+  await second.goto(`${c.url}/widget/`);
+  await second.getByRole("button", { name: "Chat with us" }).click();
+  await second.getByLabel("Your name").fill("Chen 陈");
+  await second.getByLabel("What is it about?").fill("Refund");
+  await second.getByRole("button", { name: "Start chat" }).click();
+  await second.waitForSelector(".parley-status[data-state=connected]");
+  await agent.getByRole("button", { name: "Join the chat with Chen 陈" }).click();
+  const card2 = agent.locator("article.chat", { hasText: "Chen 陈" });
+  await card2.locator(".parley-status[data-state=connected]").waitFor();
+  check((await agent.locator("article.chat").count()) === 2, "the console holds both chats");
+  await second.getByLabel("Message", { exact: true }).pressSequentially("I would like a ref");
+  await card2.locator(".parley-typing", { hasText: "Chen 陈 is typing…" }).waitFor();
+  const reply2 = agent.getByLabel("Message to Chen 陈");
+  await reply2.pressSequentially("Let me look");
+  await second.locator(".parley-typing", { hasText: "Bob is typing…" }).waitFor();
+  await second.getByLabel("Message", { exact: true }).press("Enter");
+  await reply2.press("Enter");
+  await shows(second, ["I would like a ref", "Let me look"], "the second customer's page");
+  await shows(agent, ["I would like a ref", "Let me look"], "the agent page, second chat");
+  await agent.getByRole("button", { name: "Close the chat with Chen 陈" }).click();
+  await second.waitForSelector(".parley-status[data-state=closed]");
+  await card2.locator(".parley-status[data-state=closed]").waitFor();
+  check(await second.getByLabel("Message", { exact: true }).isHidden(), "a closed chat takes no more messages");
+  check((await card.locator(".parley-status").getAttribute("data-state")) === "restored", "the first chat is untouched by closing the second");
+  await shot(agent, "agent-4-two-chats-one-closed");
+  await shot(second, "customer2-closed");
+  const items2 = (await items(agent)).filter((i) => i.kind === "message" && ["I would like a ref", "Let me look"].includes(i.text));
+  check(items2.length === 2, `the second chat's messages show once: ${JSON.stringify(items2)}`);
+
+  const shown = { customer: await items(customer), agent: await card.evaluate((el) => [...el.querySelectorAll("ol.parley-log li")].map((li) => ({ seq: li.dataset.seq ? Number(li.dataset.seq) : null, kind: li.dataset.kind, state: li.dataset.state, mine: li.dataset.mine === "true", text: li.querySelector(".parley-text")?.textContent ?? "" }))) };
   const statusLine = {
     customer: await customer.$eval(".parley-status", (s) => s.textContent),
     agent: await card.locator(".parley-status").textContent(),

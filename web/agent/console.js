@@ -65,7 +65,9 @@
       const chat = { ...joined, customer: waiting.nickname, subject: waiting.subject || "" };
       openChat(chat).text.focus();
       save();
-      button.closest("li").remove();
+      const item = button.closest("li");
+      if (item) item.remove();
+      if (!$("queue").children.length) $("queue-status").textContent = "No one is waiting.";
     } catch (e) {
       button.disabled = false;
       $("queue-status").textContent = `Could not join: ${e.message}`;
