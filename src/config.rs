@@ -45,6 +45,14 @@ pub struct ServerSection {
     /// On SIGTERM: how long a draining instance waits for its chats to end before it hands
     /// the rest over to the other instances.
     pub drain_deadline_ms: u64,
+    /// TLS on the listener: the certificate chain (PEM, leaf first) and its private key. Set
+    /// both or neither. A cluster is all TLS or all plain: requests passed on to another
+    /// instance use TLS too.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// The CA (PEM) that signed the instances' certificates, checked when passing requests on
+    /// to another instance. Required with TLS: an instance trusts only its cluster's CA.
+    pub tls_peer_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -272,7 +280,7 @@ fn default_deadline_ms() -> u64 {
 
 impl Default for ServerSection {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8080".parse().unwrap(), data: PathBuf::from("parley-data"), instance_id: None, drain_deadline_ms: 30_000 }
+        Self { listen: "127.0.0.1:8080".parse().unwrap(), data: PathBuf::from("parley-data"), instance_id: None, drain_deadline_ms: 30_000, tls_cert_file: None, tls_key_file: None, tls_peer_ca_file: None }
     }
 }
 impl Default for TranscriptSection {

@@ -76,6 +76,7 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
         staff.admins.push(auth::hash(&t));
     }
 
+    let tls = crate::server::Tls::from_settings(&deployment.server).map_err(StartError::Other)?;
     let listener = tokio::net::TcpListener::bind(deployment.server.listen)
         .await
         .map_err(|e| StartError::Other(format!("cannot listen on {}: {e}", deployment.server.listen)))?;
@@ -101,6 +102,7 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
         kpi,
         draining: AtomicBool::new(false),
         plugins,
+        tls,
     });
     let weak = Arc::downgrade(&app);
     cluster.keep_renewing(move || {

@@ -192,7 +192,8 @@ async fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>, data: Option
     };
     let addr = started.listener.local_addr().expect("bound");
     // Tests and scripts read this line to find the port when started with --listen 127.0.0.1:0.
-    println!("parley: instance {} listening on http://{addr}", started.app.instance_id);
+    let scheme = if started.app.tls.is_some() { "https" } else { "http" };
+    println!("parley: instance {} listening on {scheme}://{addr}", started.app.instance_id);
     // SIGHUP reloads the plugins, as POST /admin/reload does.
     let app = started.app.clone();
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("SIGHUP handler");

@@ -3,10 +3,12 @@
 
 mod api;
 mod proxy;
+mod tls;
 mod web;
 mod ws;
 
 pub use proxy::Peers;
+pub use tls::Tls;
 
 use crate::auth::StaffTokens;
 use crate::chat::Chats;
@@ -32,6 +34,8 @@ pub struct App {
     pub kpi: Arc<Kpi>,
     pub draining: AtomicBool,
     pub plugins: crate::instance::Plugins,
+    /// TLS on the listener and towards the other instances, if the deployment set it up.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// Serves `app` on an already bound listener until `shutdown` resolves.
@@ -73,19 +77,35 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl std::futur
         let app = app.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let service = service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, std::convert::Infallible>(api::route(app, req).await) }
-            });
-            let conn = http1::Builder::new()
-                .max_buf_size(64 * 1024)
-                .header_read_timeout(header_timeout)
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                debug!(%peer, cause = %e, "connection ended with an error");
+            let Some(tls) = app.tls.clone() else {
+                return serve(app, stream, peer, header_timeout).await;
+            };
+            // The handshake counts against the header timeout: a silent client holds nothing long.
+            match tokio::time::timeout(header_timeout, tls.acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => serve(app, stream, peer, header_timeout).await,
+                Ok(Err(e)) => debug!(%peer, cause = %e, "TLS handshake failed"),
+                Err(_) => debug!(%peer, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// Serves HTTP/1.1 (with WebSocket upgrades) on one accepted connection, plain or TLS.
+async fn serve<S>(app: Arc<App>, stream: S, peer: std::net::SocketAddr, header_timeout: std::time::Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, std::convert::Infallible>(api::route(app, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .max_buf_size(64 * 1024)
+        .header_read_timeout(header_timeout)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        debug!(%peer, cause = %e, "connection ended with an error");
     }
 }

@@ -2,7 +2,7 @@
 //! may talk to any instance. The request body was read before, so a request whose owner dies
 //! on the way can still be served here, after a restore.
 
-use super::App;
+use super::{App, Tls};
 use super::api::Body;
 use crate::cluster::Peer;
 use bytes::Bytes;
@@ -32,7 +32,7 @@ pub struct Peers {
 }
 
 impl Peers {
-    async fn connection(&self, address: &str) -> Result<SendRequest<Full<Bytes>>, String> {
+    async fn connection(&self, address: &str, tls: Option<&Tls>) -> Result<SendRequest<Full<Bytes>>, String> {
         loop {
             let reused = self.idle.lock().unwrap().get_mut(address).and_then(Vec::pop);
             match reused {
@@ -43,6 +43,12 @@ impl Peers {
         }
         let stream = tokio::net::TcpStream::connect(address).await.map_err(|e| format!("cannot reach {address}: {e}"))?;
         let _ = stream.set_nodelay(true);
+        let Some(tls) = tls else {
+            let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("{address}: {e}"))?;
+            tokio::spawn(conn);
+            return Ok(sender);
+        };
+        let stream = tls.connect(address, stream).await?;
         let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("{address}: {e}"))?;
         tokio::spawn(conn);
         Ok(sender)
@@ -78,7 +84,7 @@ fn outgoing<B>(app: &App, owner: &Peer, req: &Request<B>, body: Bytes) -> Result
 /// be reached or did not answer; the caller decides whether to wait for its lease to run out.
 pub async fn forward(app: &App, owner: &Peer, req: &Request<Bytes>) -> Result<Response<Body>, String> {
     let request = outgoing(app, owner, req, req.body().clone())?;
-    let mut sender = app.peers.connection(&owner.address).await?;
+    let mut sender = app.peers.connection(&owner.address, app.tls.as_deref()).await?;
     sender.ready().await.map_err(|e| format!("{}: {e}", owner.address))?;
     let response = sender.send_request(request).await.map_err(|e| format!("{}: {e}", owner.address))?;
     let (parts, body) = response.into_parts();
@@ -101,8 +107,18 @@ pub async fn websocket(app: &App, owner: &Peer, req: Request<Bytes>) -> Result<R
     let request = outgoing(app, owner, &req, Bytes::new())?;
     let stream = tokio::net::TcpStream::connect(&owner.address).await.map_err(|e| format!("cannot reach {}: {e}", owner.address))?;
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-    tokio::spawn(conn.with_upgrades());
+    let mut sender = match app.tls.as_deref() {
+        None => {
+            let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+            tokio::spawn(conn.with_upgrades());
+            sender
+        }
+        Some(tls) => {
+            let (sender, conn) = http1::handshake(TokioIo::new(tls.connect(&owner.address, stream).await?)).await.map_err(|e| e.to_string())?;
+            tokio::spawn(conn.with_upgrades());
+            sender
+        }
+    };
     let mut response = sender.send_request(request).await.map_err(|e| e.to_string())?;
     app.kpi.requests_proxied.fetch_add(1, Ordering::Relaxed);
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {

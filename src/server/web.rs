@@ -46,9 +46,10 @@ pub fn asset(app: &App, path: &str) -> Option<Response<Body>> {
 
 /// The live instances' addresses as the pages use them: this instance first, then the others.
 fn instances(app: &App) -> String {
-    let mut list = vec![format!("http://{}", app.cluster.address)];
+    let scheme = if app.tls.is_some() { "https" } else { "http" };
+    let mut list = vec![format!("{scheme}://{}", app.cluster.address)];
     for peer in app.cluster.members() {
-        let url = format!("http://{}", peer.address);
+        let url = format!("{scheme}://{}", peer.address);
         if peer.is_live() && !list.contains(&url) {
             list.push(url);
         }

@@ -75,7 +75,8 @@ impl Server {
         let mut child = c.stdout(Stdio::piped()).spawn().expect("spawn parley");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let line = lines.next().expect("parley printed nothing").unwrap();
-        let addr = line.split("listening on http://").nth(1).unwrap_or_else(|| panic!("unexpected first line: {line}")).trim().to_string();
+        let url = line.split("listening on ").nth(1).unwrap_or_else(|| panic!("unexpected first line: {line}"));
+        let addr = url.trim().trim_start_matches("https://").trim_start_matches("http://").to_string();
         let id = line.split_whitespace().nth(2).unwrap_or_default().to_string();
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});

@@ -1,0 +1,113 @@
+//! TLS on the listener (rustls): clients reach a TLS cluster with the cluster's CA, requests
+//! passed on between instances go over TLS too (and survive a kill -9 of the owner), a plain
+//! HTTP client gets nothing, and a bad TLS setting refuses the start naming the file.
+//! Certificates are made by the openssl command line for each run.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("the openssl command line");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, in `dir`: ca.pem, server.pem, server.key.
+fn make_certificates(dir: &Path) {
+    openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Parley test CA"]);
+    openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n").unwrap();
+    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext"]);
+}
+
+/// curl with the cluster's CA: (status, parley-instance, JSON body).
+fn curl(ca: &Path, method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, String, Value) {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "20", "-D", "-", "-X", method, "--cacert"]).arg(ca).arg(url);
+    if let Some(t) = token {
+        c.args(["-H", &format!("authorization: Bearer {t}")]);
+    }
+    if let Some(b) = body {
+        c.args(["-H", "content-type: application/json", "--data", b]);
+    }
+    let out = c.output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "curl {method} {url}: {}{text}", String::from_utf8_lossy(&out.stderr));
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let instance = head.lines().find_map(|l| l.strip_prefix("parley-instance: ")).unwrap_or_default().trim().to_string();
+    (status, instance, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn tls_deployment(dir: &Path) -> String {
+    format!(
+        "[server]\ntls_cert_file = \"{0}/server.pem\"\ntls_key_file = \"{0}/server.key\"\ntls_peer_ca_file = \"{0}/ca.pem\"\n",
+        dir.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_serves_passes_on_and_fails_over_over_tls() {
+    let data = Scratch::new("tls");
+    let certs = Scratch::new("tls-certs");
+    make_certificates(certs.path());
+    let ca = certs.path().join("ca.pem");
+    let config = data.deployment(&tls_deployment(certs.path()));
+    let a = Server::start(data.path(), Some(&config));
+    let b = Server::start(data.path(), Some(&config));
+    let (url_a, url_b) = (format!("https://{}", a.addr), format!("https://{}", b.addr));
+
+    let (status, _, _) = curl(&ca, "GET", &format!("{url_a}/healthz"), None, None);
+    assert_eq!(status, 200);
+    let (status, instance, created) = curl(&ca, "POST", &format!("{url_a}/v1/chats"), None, Some(r#"{"nickname":"Ann"}"#));
+    assert_eq!((status, instance.as_str()), (201, a.id.as_str()), "{created}");
+    let chat_id = created["chat_id"].as_str().unwrap();
+    let token = created["token"].as_str().unwrap();
+
+    // Through B: passed on to A over TLS (B checks A's certificate against the CA).
+    let messages_url = format!("{url_b}/v1/chats/{chat_id}/messages");
+    let (status, instance, acked) = curl(&ca, "POST", &messages_url, Some(token), Some(r#"{"text":"over TLS, via B","client_msg_id":"t1"}"#));
+    assert_eq!((status, instance.as_str()), (200, a.id.as_str()), "served by A through B: {acked}");
+    let seq = acked["seq"].as_u64().unwrap();
+
+    // A plain HTTP client gets no answer from a TLS listener, and the listener goes on.
+    let plain = Command::new("curl").args(["-sS", "--max-time", "5", &format!("http://{}/healthz", a.addr)]).output().unwrap();
+    assert!(!plain.status.success(), "plain HTTP was answered: {}", String::from_utf8_lossy(&plain.stdout));
+    // A client that does not trust the cluster's CA refuses the connection.
+    let untrusted = Command::new("curl").args(["-sS", "--max-time", "5", &format!("{url_a}/healthz")]).output().unwrap();
+    assert!(!untrusted.status.success(), "curl trusted a certificate it has no CA for");
+    assert_eq!(curl(&ca, "GET", &format!("{url_a}/readyz"), None, None).0, 200);
+
+    // kill -9 of the owner: B restores the chat; the acknowledged message is there once.
+    a.kill9();
+    let (status, instance, transcript) = curl(&ca, "GET", &format!("{url_b}/v1/chats/{chat_id}/transcript"), Some(token), None);
+    assert_eq!((status, instance.as_str()), (200, b.id.as_str()), "{transcript}");
+    assert_eq!(messages(&transcript), vec![(seq, "over TLS, via B".to_string())]);
+    let (status, _, again) = curl(&ca, "POST", &messages_url, Some(token), Some(r#"{"text":"after the kill","client_msg_id":"t2"}"#));
+    assert_eq!(status, 200, "{again}");
+    assert!(again["seq"].as_u64().unwrap() > seq);
+}
+
+#[test]
+fn a_bad_tls_setting_refuses_the_start_naming_it() {
+    let data = Scratch::new("tls-refuse");
+    let certs = Scratch::new("tls-refuse-certs");
+    make_certificates(certs.path());
+    let dir = certs.path().display();
+    let cases = [
+        (format!("[server]\ntls_cert_file = \"{dir}/server.pem\"\n"), "server.tls_cert_file and server.tls_key_file go together"),
+        (format!("[server]\ntls_cert_file = \"{dir}/server.pem\"\ntls_key_file = \"{dir}/missing.key\"\ntls_peer_ca_file = \"{dir}/ca.pem\"\n"), "missing.key"),
+        (format!("[server]\ntls_cert_file = \"{dir}/server.ext\"\ntls_key_file = \"{dir}/server.key\"\ntls_peer_ca_file = \"{dir}/ca.pem\"\n"), "server.tls_cert_file"),
+        (format!("[server]\ntls_cert_file = \"{dir}/server.pem\"\ntls_key_file = \"{dir}/ca.key\"\ntls_peer_ca_file = \"{dir}/ca.pem\"\n"), "do not make a usable certificate"),
+        (format!("[server]\ntls_cert_file = \"{dir}/server.pem\"\ntls_key_file = \"{dir}/server.key\"\n"), "server.tls_peer_ca_file is needed"),
+    ];
+    for (toml, named) in cases {
+        let (code, stderr) = Server::refuse(data.path(), &data.deployment(&toml));
+        assert_ne!(code, 0, "started with {toml}");
+        assert!(stderr.contains(named), "{toml}: the refusal names {named:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+}
