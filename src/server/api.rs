@@ -1,7 +1,7 @@
 //! The public HTTP API v1 (see openapi.json at the top of the repository): routing, input
 //! checks that turn bad input into a 4xx JSON error naming the problem, and the handlers.
 
-use super::{App, proxy, web, ws};
+use super::{App, input, proxy, web, ws};
 use crate::chat::{ChatError, ChatHandle, Event, Member, Requester, Role, Whereabouts};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -9,8 +9,6 @@ use std::time::Instant;
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -33,6 +31,15 @@ pub struct ApiError {
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into(), retry_after_ms: None }
+    }
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+    pub fn message(&self) -> &str {
+        &self.message
     }
 }
 
@@ -127,7 +134,7 @@ async fn chat_request(app: &Arc<App>, chat_id: &str, action: &str, req: Req) -> 
         (_, "messages" | "typing" | "events" | "ws" | "transcript" | "leave" | "join" | "close" | "stop") => return Err(wrong_method(req.method())),
         _ => return Err(not_found(req.uri().path())),
     }
-    check_id(chat_id)?;
+    input::chat_id(chat_id)?;
     let requester = match action {
         "join" => {
             require_agent(app, &req)?;
@@ -188,7 +195,7 @@ fn owner_unreachable(owner: &str, problem: &str) -> ApiError {
 async fn serve(app: &Arc<App>, chat: ChatHandle, requester: &Requester, action: &str, req: Req) -> Reply {
     let token = match requester {
         Requester::Agent => return join(app, &chat, &req).await,
-        Requester::Workflow => return stop(&chat, &req).await,
+        Requester::Workflow => return stop(app, &chat, &req).await,
         Requester::Participant(token) => token,
     };
     let member = chat.shared.authenticate(token).ok_or_else(|| forbidden("this token does not belong to a participant of this chat"))?;
@@ -200,7 +207,7 @@ async fn serve(app: &Arc<App>, chat: ChatHandle, requester: &Requester, action: 
         "ws" => ws::upgrade(chat, member, req),
         "transcript" => transcript(&chat, &member),
         "leave" => leave(&chat, &member).await,
-        "close" => close(&chat, &member, &req).await,
+        "close" => close(app, &chat, &member, &req).await,
         _ => Err(not_found(req.uri().path())),
     }
 }
@@ -238,18 +245,8 @@ fn json(status: StatusCode, value: impl serde::Serialize) -> Reply {
     Ok(respond(status, "application/json", serde_json::to_vec(&value).expect("serializable")))
 }
 
-/// Parses a JSON body (already size-limited): UTF-8 checked, each problem named.
-fn read_json<T: DeserializeOwned>(req: &Req) -> Result<T, ApiError> {
-    let bytes: &[u8] = if req.body().is_empty() { b"{}" } else { req.body() };
-    let text = std::str::from_utf8(bytes).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_utf8", format!("the request body is not valid UTF-8 ({e})")))?;
-    serde_json::from_str(text).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", format!("{e}")),
-        _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("the request body is not valid JSON: {e}")),
-    })
-}
-
 pub fn bearer(req: &Req) -> Option<&str> {
-    req.headers().get(AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+    input::bearer(req.headers().get(AUTHORIZATION)?.to_str().ok()?)
 }
 
 pub fn unauthorized() -> ApiError {
@@ -272,13 +269,6 @@ fn require_admin(app: &App, req: &Req) -> Result<(), ApiError> {
 
 fn forbidden(message: &str) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
-}
-
-fn check_id(chat_id: &str) -> Result<(), ApiError> {
-    if chat_id.is_empty() || chat_id.len() > 64 || !chat_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "chat_not_found", "no chat with this id"));
-    }
-    Ok(())
 }
 
 fn readyz(app: &App) -> Reply {
@@ -340,26 +330,6 @@ async fn queue(app: &App, req: &Req) -> Reply {
     json(StatusCode::OK, serde_json::json!({"chats": chats, "unreachable": unreachable}))
 }
 
-#[derive(Deserialize)]
-struct CreateChat {
-    nickname: String,
-    #[serde(default)]
-    subject: String,
-    #[serde(default)]
-    user_data: serde_json::Map<String, serde_json::Value>,
-}
-
-fn check_nickname(app: &App, nickname: &str) -> Result<(), ApiError> {
-    let n = nickname.trim().chars().count();
-    if n == 0 {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", "nickname must not be empty"));
-    }
-    if n > app.limits.max_nickname_chars {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", format!("nickname is longer than {} characters", app.limits.max_nickname_chars)));
-    }
-    Ok(())
-}
-
 async fn create_chat(app: &App, req: &Req) -> Reply {
     if app.draining.load(Ordering::Relaxed) {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this instance is draining and takes no new chats"));
@@ -372,74 +342,30 @@ async fn create_chat(app: &App, req: &Req) -> Reply {
             format!("this instance holds {open} open chats, its limit (limits.max_chats); try another instance"),
         ));
     }
-    let body: CreateChat = read_json(req)?;
-    check_nickname(app, &body.nickname)?;
-    if body.subject.chars().count() > app.limits.max_message_chars {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", "subject is too long"));
-    }
-    let created = app.chats.create(body.nickname.trim(), body.subject, body.user_data).await?;
+    let body = input::new_chat(req.body(), &app.limits)?;
+    let created = app.chats.create(&body.nickname, body.subject, body.user_data).await?;
     json(StatusCode::CREATED, created)
 }
 
-#[derive(Deserialize)]
-struct PostMessage {
-    text: String,
-    #[serde(default)]
-    client_msg_id: Option<String>,
-}
-
 async fn post_message(app: &App, chat: &ChatHandle, member: &Member, req: &Req) -> Reply {
-    let body: PostMessage = read_json(req)?;
-    let chars = body.text.chars().count();
-    if body.text.trim().is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", "text must not be empty"));
-    }
-    if chars > app.limits.max_message_chars {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "message_too_long",
-            format!("text has {chars} characters; the limit is {}", app.limits.max_message_chars),
-        ));
-    }
-    if let Some(id) = &body.client_msg_id
-        && (id.is_empty() || id.len() > 128)
-    {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", "client_msg_id must have 1 to 128 characters"));
-    }
+    let body = input::new_message(req.body(), &app.limits)?;
     let seq = chat.post(member, body.text, body.client_msg_id).await?;
     json(StatusCode::OK, serde_json::json!({"seq": seq}))
 }
 
-#[derive(Deserialize)]
-struct Typing {
-    typing: bool,
-}
-
 fn typing(chat: &ChatHandle, member: &Member, req: &Req) -> Reply {
-    let body: Typing = read_json(req)?;
-    chat.shared.typing(member, body.typing);
-    json(StatusCode::OK, serde_json::json!({"typing": body.typing}))
+    let typing = input::typing(req.body())?;
+    chat.shared.typing(member, typing);
+    json(StatusCode::OK, serde_json::json!({"typing": typing}))
 }
 
 /// Query parameters as (name, value) pairs.
 pub fn query_pairs(req: &Req) -> Vec<(String, String)> {
-    req.uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (k.to_string(), v.to_string())
-        })
-        .collect()
+    input::query_pairs(req.uri().query().unwrap_or(""))
 }
 
 pub fn query_u64(req: &Req, name: &str, default: u64) -> Result<u64, ApiError> {
-    match query_pairs(req).into_iter().find(|(k, _)| k == name) {
-        None => Ok(default),
-        Some((_, v)) => v.parse().map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("{name} must be a non-negative integer, not {v:?}"))),
-    }
+    input::query_u64(req.uri().query().unwrap_or(""), name, default)
 }
 
 const MAX_EVENTS_PER_POLL: usize = 1000;
@@ -516,42 +442,24 @@ async fn leave(chat: &ChatHandle, member: &Member) -> Reply {
     json(StatusCode::OK, serde_json::json!({"seq": seq}))
 }
 
-#[derive(Deserialize)]
-struct JoinBody {
-    #[serde(default = "default_agent_name")]
-    nickname: String,
-}
-
-fn default_agent_name() -> String {
-    "Agent".to_string()
-}
-
 async fn join(app: &App, chat: &ChatHandle, req: &Req) -> Reply {
-    let body: JoinBody = read_json(req)?;
-    check_nickname(app, &body.nickname)?;
-    let joined = chat.join(body.nickname.trim()).await?;
+    let nickname = input::join(req.body(), &app.limits)?;
+    let joined = chat.join(&nickname).await?;
     json(StatusCode::OK, joined)
 }
 
-#[derive(Deserialize)]
-struct CloseBody {
-    #[serde(default)]
-    reason: Option<String>,
-}
-
-async fn close(chat: &ChatHandle, member: &Member, req: &Req) -> Reply {
+async fn close(app: &App, chat: &ChatHandle, member: &Member, req: &Req) -> Reply {
     if member.role != Role::Agent {
         return Err(forbidden("only an agent of this chat can close it; customers leave"));
     }
-    let body: CloseBody = read_json(req)?;
-    let reason = body.reason.unwrap_or_else(|| format!("closed by {}", member.nickname));
+    let reason = input::close_reason(req.body(), &app.limits)?.unwrap_or_else(|| format!("closed by {}", member.nickname));
     let seq = chat.close(reason).await?;
     json(StatusCode::OK, serde_json::json!({"seq": seq, "state": "closed"}))
 }
 
-async fn stop(chat: &ChatHandle, req: &Req) -> Reply {
-    let body: CloseBody = read_json(req)?;
-    let seq = chat.close(body.reason.unwrap_or_else(|| "stopped by the workflow".into())).await?;
+async fn stop(app: &App, chat: &ChatHandle, req: &Req) -> Reply {
+    let reason = input::close_reason(req.body(), &app.limits)?;
+    let seq = chat.close(reason.unwrap_or_else(|| "stopped by the workflow".into())).await?;
     json(StatusCode::OK, serde_json::json!({"seq": seq, "state": "closed"}))
 }
 

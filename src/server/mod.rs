@@ -2,11 +2,13 @@
 //! WebSocket) and hands each request to the API router.
 
 mod api;
+pub mod input;
 mod proxy;
 mod tls;
 mod web;
 mod ws;
 
+pub use api::ApiError;
 pub use proxy::Peers;
 pub use tls::Tls;
 
