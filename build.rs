@@ -15,9 +15,7 @@ fn main() {
         Some(dir) => PathBuf::from(dir).join("plugins"),
         None => root.join("target").join("plugins"),
     };
-    ensure_target();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
+    let status = plugin_cargo()
         .args(["build", "--release", "--target", TARGET, "--manifest-path"])
         .arg(root.join("plugins/Cargo.toml"))
         .arg("--target-dir")
@@ -36,18 +34,43 @@ fn main() {
     println!("cargo:rustc-env=PARLEY_PLUGIN_DIR={}", out.display());
 }
 
-/// A fresh machine may lack the wasm target; rustup can add it, so `cargo run` stays one command.
-fn ensure_target() {
+/// The cargo that builds the guests: this build's own when its toolchain has the wasm target
+/// (a fresh machine may lack it; rustup can add it, so `cargo run` stays one command), else the
+/// stable toolchain's — e.g. under `cargo +nightly fuzz`, whose nightly may have no wasm
+/// target to download. Guests do not depend on which toolchain built them.
+fn plugin_cargo() -> Command {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let sysroot = Command::new(&rustc).args(["--print", "sysroot"]).output().ok();
-    let has_target = sysroot
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("lib/rustlib").join(TARGET).exists())
-        .unwrap_or(false);
-    if !has_target {
-        println!("cargo:warning=installing the {TARGET} target with rustup");
-        let ok = Command::new("rustup").args(["target", "add", TARGET]).status().map(|s| s.success()).unwrap_or(false);
-        if !ok {
-            panic!("the {TARGET} target is missing and `rustup target add {TARGET}` failed; install it and build again");
-        }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    if has_target(Command::new(&rustc)) || add_target(None) {
+        return Command::new(cargo);
     }
+    let mut stable_rustc = Command::new("rustup");
+    stable_rustc.args(["run", "stable", "rustc"]).env_remove("RUSTUP_TOOLCHAIN");
+    if has_target(stable_rustc) || add_target(Some("stable")) {
+        println!("cargo:warning=building plugins/ with the stable toolchain (this one has no {TARGET} target)");
+        let mut c = Command::new("rustup");
+        c.args(["run", "stable", "cargo"]).env_remove("RUSTC").env_remove("RUSTUP_TOOLCHAIN").env_remove("RUSTC_WRAPPER");
+        return c;
+    }
+    panic!("the {TARGET} target is missing and `rustup target add {TARGET}` failed; install it and build again");
+}
+
+fn has_target(mut rustc: Command) -> bool {
+    rustc
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("lib/rustlib").join(TARGET).exists())
+        .unwrap_or(false)
+}
+
+fn add_target(toolchain: Option<&str>) -> bool {
+    println!("cargo:warning=installing the {TARGET} target with rustup");
+    let mut c = Command::new("rustup");
+    c.args(["target", "add", TARGET]);
+    if let Some(t) = toolchain {
+        c.args(["--toolchain", t]).env_remove("RUSTUP_TOOLCHAIN");
+    }
+    c.status().map(|s| s.success()).unwrap_or(false)
 }

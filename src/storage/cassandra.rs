@@ -158,7 +158,8 @@ fn batches(rows: &[Vec<Value>]) -> impl Iterator<Item = &[Vec<Value>]> {
     })
 }
 
-fn values(row: &[Value]) -> Vec<Option<CqlValue>> {
+/// A row of the WIT `cql` interface's values as the driver binds them (None = null).
+pub fn values(row: &[Value]) -> Vec<Option<CqlValue>> {
     row.iter()
         .map(|v| match v {
             Value::Null => None,
@@ -171,7 +172,8 @@ fn values(row: &[Value]) -> Vec<Option<CqlValue>> {
         .collect()
 }
 
-fn value_of(v: Option<CqlValue>) -> Value {
+/// A value the driver read, as the WIT `cql` interface hands it to a plugin.
+pub fn value_of(v: Option<CqlValue>) -> Value {
     match v {
         None | Some(CqlValue::Empty) => Value::Null,
         Some(CqlValue::BigInt(i)) => Value::Bigint(i),

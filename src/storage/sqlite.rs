@@ -92,6 +92,8 @@ impl ToSql for Param<'_> {
         Ok(ToSqlOutput::Borrowed(match self.0 {
             Value::Null => ValueRef::Null,
             Value::Integer(i) => ValueRef::Integer(*i),
+            // SQLite keeps NaN as NULL: refuse it rather than hand back something else.
+            Value::Real(f) if f.is_nan() => return Err(rusqlite::Error::ToSqlConversionFailure("NaN cannot be stored (SQLite would keep NULL)".into())),
             Value::Real(f) => ValueRef::Real(*f),
             Value::Text(s) => ValueRef::Text(s.as_bytes()),
             Value::Blob(b) => ValueRef::Blob(b),
