@@ -1,5 +1,5 @@
-//! Fault injection on the embedded store: the SQLite file locked by another process, and a
-//! full disk. The save-error policy decides (here: resend, then continue), nothing unsaved is
+//! Fault injection on the embedded store: a slow store, the SQLite file locked by another
+//! process, and a full disk. The save-error policy decides (here: resend, then continue), nothing unsaved is
 //! acknowledged, and once the fault is gone the chat goes on with every acknowledged message
 //! once.
 
@@ -154,4 +154,56 @@ async fn a_full_disk_refuses_messages_until_space_is_freed() {
     std::fs::remove_file(&filler).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     after_the_fault(server, &data, &config, (customer, agent), (first, "before the disk filled up"), "while the disk is full", "after space was freed").await;
+}
+
+/// A slow store (each save that carries "!slow" takes 200 ms, well inside the slot's deadline):
+/// acknowledgements wait for the save — the batches of other chats committed with it too — but
+/// nothing fails, the policy is never asked, and every message is in its transcript once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_store_delays_acknowledgements_and_loses_nothing() {
+    let data = Scratch::new("slow-store");
+    let config = data.deployment(&format!(
+        "[plugins.intermediate]\nfile = \"{}/faulty_store.wasm\"\ndeadline_ms = 1000\n",
+        parley::plugins::builtin::PLUGIN_DIR
+    ));
+    let server = Server::start(data.path(), Some(&config));
+    let (mut slow, _) = open_chat(&server, "Sol").await;
+    let mut others = Vec::new();
+    for i in 0..5 {
+        others.push(open_chat(&server, &format!("Oli {i}")).await.0);
+    }
+    let chatter: Vec<_> = others
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut p)| {
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for m in 0..30 {
+                    let text = format!("other {i}.{m}");
+                    let r = p.send(&text, &format!("o{i}-{m}")).await;
+                    assert_eq!(r.status, 200, "{:?}", r.body);
+                    acked.push((r.body["seq"].as_u64().unwrap(), text));
+                }
+                (p, acked)
+            })
+        })
+        .collect();
+    let mut slow_acked = Vec::new();
+    for m in 0..5 {
+        let started = std::time::Instant::now();
+        let r = slow.send("!slow", &format!("s{m}")).await;
+        assert_eq!(r.status, 200, "a slow save is still a save: {:?}", r.body);
+        assert!(started.elapsed() >= Duration::from_millis(200), "acknowledged before the store had saved it ({:?})", started.elapsed());
+        slow_acked.push((r.body["seq"].as_u64().unwrap(), "!slow".to_string()));
+    }
+    assert_eq!(messages(&slow.transcript().await), slow_acked);
+    for task in chatter {
+        let (mut p, acked) = task.await.unwrap();
+        let transcript = p.transcript().await;
+        scenarios::assert_dense(&transcript);
+        assert_eq!(messages(&transcript), acked);
+    }
+    let kpi = server.kpi().await;
+    assert_eq!(kpi["save_failures"], 0, "{kpi}");
+    assert_eq!(kpi["sessions_current"], 6, "no chat was closed: {kpi}");
 }

@@ -2,6 +2,7 @@
 //! texts in a saved message, so tests can prove the sandbox contains a misbehaving plugin.
 //!   "!trap"  panics (a trap)         "!loop"  spins forever (cut off by the epoch deadline)
 //!   "!oom"   allocates without bound "!fail"  returns `unavailable` for that chat only
+//!   "!slow"  takes 200 ms before saving (a slow disk or database: the whole batch waits)
 
 wit_bindgen::generate!({ world: "transcript-store", path: "../../wit" });
 
@@ -37,6 +38,12 @@ impl Guest for FaultyStore {
             loop {
                 hoard.push(vec![1u8; 1 << 20]);
                 std::hint::black_box(&hoard);
+            }
+        }
+        if deltas.iter().any(|d| marker(d, "!slow")) {
+            let until = parley::plugin::clock::monotonic_now_ns() + 200_000_000;
+            while parley::plugin::clock::monotonic_now_ns() < until {
+                std::hint::spin_loop();
             }
         }
         let (failing, healthy): (Vec<_>, Vec<_>) = deltas.iter().enumerate().partition(|(_, d)| marker(d, "!fail"));
