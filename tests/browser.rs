@@ -50,7 +50,7 @@ async fn widget_and_console_carry_on_through_a_kill_9_of_the_owner() {
 
     let shown: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
     let owner = shown["owner"].as_str().unwrap();
-    assert_eq!(owner, servers[0].id, "the chat was created on the instance serving the widget page");
+    assert_eq!(owner, servers[0].id, "the chat was created on the first instance the page lists");
     let restored_on = shown["restored_on"].as_str().unwrap();
     let survivor = servers.iter().find(|s| s.id == restored_on).expect("restored on an instance of the cluster");
     assert_ne!(survivor.id, owner);

@@ -9,6 +9,8 @@
 
 import { chromium } from "playwright-core";
 import { writeFileSync } from "node:fs";
+import { createServer } from "node:http";
+import { once } from "node:events";
 import { join } from "node:path";
 
 const cfg = JSON.parse(process.env.PARLEY_BROWSER_TEST);
@@ -19,6 +21,20 @@ const log = (...args) => console.log("[browser]", ...args);
 function check(ok, message) {
   if (!ok) throw new Error(`check failed: ${message}`);
 }
+
+// The customer's page is a shop's, on its own origin (as on a real site): it serves the widget
+// script it took from the cluster and lists the three instances; every API call crosses origins.
+const bundle = await (await fetch(`${b.url}/widget/parley-widget.js`)).text();
+const shopPage = `<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Example Shop</title></head>
+<body><h1>Example Shop</h1><p>Questions about an order? <a href="#faq">Read the FAQ</a> or chat with us.</p>
+<script src="/parley-widget.js" defer data-instances="${cfg.instances.map((i) => i.url).join(" ")}"></script></body></html>`;
+const shop = createServer((req, res) => {
+  const js = req.url === "/parley-widget.js";
+  res.writeHead(200, { "content-type": js ? "text/javascript; charset=utf-8" : "text/html; charset=utf-8" });
+  res.end(js ? bundle : shopPage);
+}).listen(0, "127.0.0.1");
+await once(shop, "listening");
+const shopUrl = `http://127.0.0.1:${shop.address().port}`;
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -68,10 +84,10 @@ async function focused(p) {
 }
 
 try {
-  // --- The customer, keyboard only, on the widget's demo page served by A. ---
+  // --- The customer, keyboard only, on the shop's page; the chat starts on A (listed first). ---
   const customer = await page({ width: 900, height: 720 });
-  await customer.goto(`${a.url}/widget/`);
-  // Tab goes through the page's own links and code sample, then reaches the widget.
+  await customer.goto(`${shopUrl}/`);
+  // Tab goes through the page's own links, then reaches the widget.
   const path = [];
   for (let i = 0; i < 6 && path[path.length - 1] !== "Chat with us"; i++) {
     await customer.keyboard.press("Tab");
@@ -170,6 +186,21 @@ try {
   await shot(customer, "customer-3-after-failover");
   await shot(agent, "agent-3-after-failover");
 
+  // --- The customer reloads the page: the widget picks its chat up again from the start,
+  // every message once, in order, and goes on. ---
+  const beforeReload = (await items(customer)).filter((i) => i.kind === "message").map((i) => [i.seq, i.text]);
+  await customer.reload();
+  await customer.waitForSelector(".parley-status[data-state=connected]");
+  await shows(customer, texts([...before, ...during, ...after]), "the customer page after a reload");
+  const afterReload = (await items(customer)).filter((i) => i.kind === "message").map((i) => [i.seq, i.text]);
+  check(JSON.stringify(afterReload) === JSON.stringify(beforeReload), `a reload shows the same transcript: ${JSON.stringify(afterReload)} vs ${JSON.stringify(beforeReload)}`);
+  const afterReloadText = "Back after a reload 🔄";
+  await customer.getByLabel("Message", { exact: true }).fill(afterReloadText);
+  await customer.getByLabel("Message", { exact: true }).press("Enter");
+  after.push(["customer", afterReloadText]);
+  await shows(customer, [afterReloadText], "the customer page after a reload");
+  await shows(agent, [afterReloadText], "the agent page");
+
   // --- A second customer, on the page served by C: the agent works both chats at once,
   // sees typing both ways, and closes the second one. ---
   const c = cfg.instances.find((i) => i.id !== owner && i.id !== b.id) || b;
@@ -214,4 +245,5 @@ try {
   log("done; restored on", restoredOn);
 } finally {
   await browser.close();
+  shop.close();
 }
