@@ -193,5 +193,45 @@
     }
   }
 
-  Object.assign(Parley, { TranscriptView, TypingLine, typingReporter, enterSends, statusText, el });
+  /**
+   * A chat session shown on a page: its transcript in `list`, who is typing in `typingNode`,
+   * messages written in `textarea` and sent by `form` (Enter or the button). `status(state,
+   * detail)` hears the connection state. Returns the session, not yet started.
+   */
+  function showSession(cluster, chat, { list, typingNode, textarea, form, status }) {
+    const view = new TranscriptView(list, chat.participantId);
+    const typing = new TypingLine(typingNode);
+    const session = new Parley.ChatSession(cluster, chat, {
+      event: (e) => {
+        if (e.kind === "message") typing.clear();
+        view.event(e);
+      },
+      typing: (e) => typing.show(e),
+      outbox: (m) => view.outbox(m),
+      acked: (m) => view.acked(m),
+      status,
+    });
+    const stopTyping = typingReporter(session, textarea);
+    enterSends(textarea, form);
+    form.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const body = textarea.value.trim();
+      if (!body || textarea.disabled) return;
+      textarea.value = "";
+      stopTyping();
+      session.send(body);
+    });
+    return session;
+  }
+
+  /** A JSON value kept in sessionStorage (null if absent or unreadable). */
+  function stored(key) {
+    try {
+      return JSON.parse(global.sessionStorage.getItem(key) || "null");
+    } catch (_) {
+      return null;
+    }
+  }
+
+  Object.assign(Parley, { TranscriptView, TypingLine, typingReporter, enterSends, statusText, showSession, stored, el });
 })(typeof window !== "undefined" ? window : globalThis);

@@ -12,14 +12,6 @@
 
   const desk = { agent: null, cluster: null, nickname: "", chats: new Map(), queueTimer: null };
 
-  function load() {
-    try {
-      return JSON.parse(global.sessionStorage.getItem(STORAGE_KEY) || "null");
-    } catch (_) {
-      return null;
-    }
-  }
-
   function save() {
     const chats = [...desk.chats.values()].filter((c) => !c.ended).map((c) => c.chat);
     global.sessionStorage.setItem(STORAGE_KEY, JSON.stringify({ token: desk.agent.token, nickname: desk.nickname, instances: desk.cluster.instances, chats }));
@@ -101,17 +93,12 @@
     );
     $("chats").append(card);
 
-    const view = new Parley.TranscriptView(log, chat.participantId);
-    const typing = new Parley.TypingLine(typingLine);
     const entry = { chat, card, text, ended: false, session: null };
-    const session = new Parley.ChatSession(desk.cluster, chat, {
-      event: (e) => {
-        if (e.kind === "message") typing.clear();
-        view.event(e);
-      },
-      typing: (e) => typing.show(e),
-      outbox: (m) => view.outbox(m),
-      acked: (m) => view.acked(m),
+    const session = Parley.showSession(desk.cluster, chat, {
+      list: log,
+      typingNode: typingLine,
+      textarea: text,
+      form: compose,
       status: (state, detail) => {
         status.dataset.state = state;
         status.textContent = Parley.statusText(state, detail, session.instance);
@@ -131,16 +118,6 @@
       save();
     }
 
-    const stopTyping = Parley.typingReporter(session, text);
-    Parley.enterSends(text, compose);
-    compose.addEventListener("submit", (ev) => {
-      ev.preventDefault();
-      const body = text.value.trim();
-      if (!body || entry.ended) return;
-      text.value = "";
-      stopTyping();
-      session.send(body);
-    });
     closeButton.addEventListener("click", async () => {
       if (entry.ended) {
         session.stop();
@@ -198,7 +175,7 @@
       global.sessionStorage.removeItem(STORAGE_KEY);
       global.location.reload();
     });
-    const previous = load();
+    const previous = Parley.stored(STORAGE_KEY);
     if (previous && previous.token) signedIn(previous.token, previous.nickname, previous.instances, previous.chats);
   }
 

@@ -50,14 +50,6 @@
 .parley-visually-hidden{position:absolute!important;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}
 `;
 
-  function saved() {
-    try {
-      return JSON.parse(global.sessionStorage.getItem(STORAGE_KEY) || "null");
-    } catch (_) {
-      return null;
-    }
-  }
-
   function mount() {
     const title = (script && script.dataset.title) || "Chat with us";
     const instances = (script && script.dataset.instances) || (script && script.src ? new URL(script.src).origin : global.location.origin);
@@ -93,7 +85,6 @@
     document.body.append(root);
 
     let session = null;
-    const typing = new Parley.TypingLine(typingLine);
 
     function setOpen(open) {
       panel.hidden = !open;
@@ -123,27 +114,7 @@
       log.hidden = false;
       compose.hidden = false;
       end.hidden = false;
-      const view = new Parley.TranscriptView(log, chat.participantId);
-      session = new Parley.ChatSession(cluster, chat, {
-        event: (e) => {
-          if (e.kind === "message") typing.clear();
-          view.event(e);
-        },
-        typing: (e) => typing.show(e),
-        outbox: (m) => view.outbox(m),
-        acked: (m) => view.acked(m),
-        status: showStatus,
-      });
-      const stopTyping = Parley.typingReporter(session, text);
-      Parley.enterSends(text, compose);
-      compose.addEventListener("submit", (ev) => {
-        ev.preventDefault();
-        const body = text.value.trim();
-        if (!body) return;
-        text.value = "";
-        stopTyping();
-        session.send(body);
-      });
+      session = Parley.showSession(cluster, chat, { list: log, typingNode: typingLine, textarea: text, form: compose, status: showStatus });
       end.addEventListener("click", async () => {
         end.disabled = true;
         try {
@@ -174,7 +145,7 @@
       }
     });
 
-    const previous = saved();
+    const previous = Parley.stored(STORAGE_KEY);
     if (previous && previous.chatId && previous.token) {
       begin(previous);
       setOpen(true);
