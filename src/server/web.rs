@@ -19,6 +19,8 @@ const WIDGET_PAGE: &str = include_str!("../../web/widget/index.html");
 const CONSOLE_JS: &str = concat!(include_str!("../../web/client.js"), include_str!("../../web/view.js"), include_str!("../../web/agent/console.js"));
 const CONSOLE_PAGE: &str = include_str!("../../web/agent/index.html");
 
+const PAGE_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self' http: https:; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
 /// Where the pages put the cluster's addresses, this instance first.
 const INSTANCES_MARK: &str = "%PARLEY_INSTANCES%";
 
@@ -39,8 +41,13 @@ pub fn asset(app: &App, path: &str) -> Option<Response<Body>> {
         _ => return None,
     };
     let mut r = Response::new(Full::new(body));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).expect("ASCII"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).expect("ASCII"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    // The console holds an agent token: only its own scripts run, no page may frame it, and
+    // it talks to the cluster's instances (any http/https address, as the operator lists them).
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(PAGE_POLICY));
     Some(r)
 }
 

@@ -46,6 +46,9 @@ async function page(viewport) {
   const context = await browser.newContext({ viewport });
   const p = await context.newPage();
   p.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  p.on("console", (m) => {
+    if (m.text().includes("Content Security Policy")) problems.push(`CSP: ${m.text()}`);
+  });
   p.setDefaultTimeout(20000);
   return p;
 }
@@ -105,6 +108,13 @@ try {
   check((await focused(customer)).startsWith("Message"), "the message box has the focus once the chat started");
   const owner = await customer.$eval(".parley-widget", (w) => w.dataset.instance);
   log("chat started, served by", owner);
+
+  // --- The demo page Parley serves (under its Content-Security-Policy) opens the widget too. ---
+  const demo = await page({ width: 900, height: 720 });
+  await demo.goto(`${b.url}/widget/`);
+  await demo.getByRole("button", { name: "Chat with us" }).click();
+  await demo.getByLabel("Your name").waitFor();
+  await demo.close();
 
   // --- The agent signs in on the console served by B and joins from the queue. ---
   const agent = await page({ width: 1280, height: 800 });
