@@ -41,17 +41,7 @@ impl Peers {
                 None => break,
             }
         }
-        let stream = tokio::net::TcpStream::connect(address).await.map_err(|e| format!("cannot reach {address}: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let Some(tls) = tls else {
-            let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("{address}: {e}"))?;
-            tokio::spawn(conn);
-            return Ok(sender);
-        };
-        let stream = tls.connect(address, stream).await?;
-        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("{address}: {e}"))?;
-        tokio::spawn(conn);
-        Ok(sender)
+        open(address, tls).await
     }
 
     fn give_back(&self, address: &str, sender: SendRequest<Full<Bytes>>) {
@@ -80,6 +70,26 @@ fn outgoing<B>(app: &App, owner: &Peer, req: &Request<B>, body: Bytes) -> Result
     Ok(out)
 }
 
+/// A new HTTP/1.1 connection to another instance (TLS when the cluster uses it), able to
+/// switch protocols for a WebSocket.
+async fn open(address: &str, tls: Option<&Tls>) -> Result<SendRequest<Full<Bytes>>, String> {
+    let stream = tokio::net::TcpStream::connect(address).await.map_err(|e| format!("cannot reach {address}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let sender = match tls {
+        None => {
+            let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("{address}: {e}"))?;
+            tokio::spawn(conn.with_upgrades());
+            sender
+        }
+        Some(tls) => {
+            let (sender, conn) = http1::handshake(TokioIo::new(tls.connect(address, stream).await?)).await.map_err(|e| format!("{address}: {e}"))?;
+            tokio::spawn(conn.with_upgrades());
+            sender
+        }
+    };
+    Ok(sender)
+}
+
 /// Sends the request to the owner and returns its answer. An error means the owner could not
 /// be reached or did not answer; the caller decides whether to wait for its lease to run out.
 pub async fn forward(app: &App, owner: &Peer, req: &Request<Bytes>) -> Result<Response<Body>, String> {
@@ -105,20 +115,7 @@ pub async fn forward(app: &App, owner: &Peer, req: &Request<Bytes>) -> Result<Re
 /// copies bytes both ways until either side closes.
 pub async fn websocket(app: &App, owner: &Peer, req: Request<Bytes>) -> Result<Response<Body>, String> {
     let request = outgoing(app, owner, &req, Bytes::new())?;
-    let stream = tokio::net::TcpStream::connect(&owner.address).await.map_err(|e| format!("cannot reach {}: {e}", owner.address))?;
-    let _ = stream.set_nodelay(true);
-    let mut sender = match app.tls.as_deref() {
-        None => {
-            let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-            tokio::spawn(conn.with_upgrades());
-            sender
-        }
-        Some(tls) => {
-            let (sender, conn) = http1::handshake(TokioIo::new(tls.connect(&owner.address, stream).await?)).await.map_err(|e| e.to_string())?;
-            tokio::spawn(conn.with_upgrades());
-            sender
-        }
-    };
+    let mut sender = open(&owner.address, app.tls.as_deref()).await?;
     let mut response = sender.send_request(request).await.map_err(|e| e.to_string())?;
     app.kpi.requests_proxied.fetch_add(1, Ordering::Relaxed);
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {

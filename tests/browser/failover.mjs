@@ -53,9 +53,9 @@ async function page(viewport) {
   return p;
 }
 
-/** Every item of a page's transcript list(s), in the order shown. */
-const items = (p) =>
-  p.$$eval("ol.parley-log li", (lis) =>
+/** Every item of the transcript list(s) on a page or in a part of it, in the order shown. */
+const items = (scope) =>
+  scope.locator("ol.parley-log li").evaluateAll((lis) =>
     lis.map((li) => ({
       seq: li.dataset.seq ? Number(li.dataset.seq) : null,
       kind: li.dataset.kind,
@@ -137,15 +137,20 @@ try {
     ["customer", "Thanks 👩‍👩‍👧 family order, Ünïcödé é"],
     ["agent", "It arrives tomorrow, 明日届きます"],
   ];
-  for (const [who, text] of before) {
-    if (who === "customer") {
-      await customer.keyboard.type(text);
-      await customer.keyboard.press("Enter");
-    } else {
-      await reply.fill(text);
-      await reply.press("Enter");
+  // Each line typed where its writer types: the customer on the keyboard alone, the agent
+  // into the chat's reply box; Enter sends.
+  const say = async (lines) => {
+    for (const [who, text] of lines) {
+      if (who === "customer") {
+        await customer.keyboard.type(text);
+        await customer.keyboard.press("Enter");
+      } else {
+        await reply.fill(text);
+        await reply.press("Enter");
+      }
     }
-  }
+  };
+  await say(before);
   const texts = (list) => list.map(([, t]) => t);
   await shows(customer, texts(before), "the customer page");
   await shows(agent, texts(before), "the agent page");
@@ -161,10 +166,7 @@ try {
     ["customer", "Are you still there? まだいますか"],
     ["agent", "Still here — 대기 중"],
   ];
-  await customer.keyboard.type(during[0][1]);
-  await customer.keyboard.press("Enter");
-  await reply.fill(during[1][1]);
-  await reply.press("Enter");
+  await say(during);
   // The customer's page talked to the dead instance itself: it reconnects elsewhere. The
   // agent's requests go through B, which holds them until it restored the chat.
   await customer.waitForSelector(".parley-status[data-state=reconnecting]", { timeout: 10000 });
@@ -187,10 +189,7 @@ try {
     ["customer", "Great, thank you! ありがとう"],
     ["agent", "You're welcome, Ann 🙂"],
   ];
-  await customer.keyboard.type(after[0][1]);
-  await customer.keyboard.press("Enter");
-  await reply.fill(after[1][1]);
-  await reply.press("Enter");
+  await say(after);
   await shows(customer, texts(after), "the customer page");
   await shows(agent, texts(after), "the agent page");
   await shot(customer, "customer-3-after-failover");
@@ -244,7 +243,7 @@ try {
   const items2 = (await items(agent)).filter((i) => i.kind === "message" && ["I would like a ref", "Let me look"].includes(i.text));
   check(items2.length === 2, `the second chat's messages show once: ${JSON.stringify(items2)}`);
 
-  const shown = { customer: await items(customer), agent: await card.evaluate((el) => [...el.querySelectorAll("ol.parley-log li")].map((li) => ({ seq: li.dataset.seq ? Number(li.dataset.seq) : null, kind: li.dataset.kind, state: li.dataset.state, mine: li.dataset.mine === "true", text: li.querySelector(".parley-text")?.textContent ?? "" }))) };
+  const shown = { customer: await items(customer), agent: await items(card) };
   const statusLine = {
     customer: await customer.$eval(".parley-status", (s) => s.textContent),
     agent: await card.locator(".parley-status").textContent(),
