@@ -34,11 +34,8 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
     let instance_id: Arc<str> = deployment.server.instance_id.clone().unwrap_or_else(|| format!("i-{}", &auth::new_id()[..8])).into();
     let kpi = Arc::new(Kpi::default());
     let runtime = Runtime::new(data.join("plugin-cache"), kpi.clone()).map_err(|e| StartError::Other(format!("plugin runtime: {e:#}")))?;
-    let database = DatabaseFile {
-        path: data.join("parley.db"),
-        synchronous: deployment.sqlite.synchronous,
-        busy_timeout: Duration::from_millis(deployment.sqlite.busy_timeout_ms),
-    };
+    let mut database = DatabaseFile::new(data.join("parley.db"), deployment.sqlite.synchronous, Duration::from_millis(deployment.sqlite.busy_timeout_ms));
+    database.keep_checkpointing(Duration::from_millis(500)).map_err(|e| StartError::Other(format!("checkpoint thread: {e}")))?;
 
     if let Some(c) = &deployment.cassandra {
         let session = crate::storage::cassandra::Cassandra::connect(c).await.map_err(StartError::Other)?;

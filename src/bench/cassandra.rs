@@ -74,7 +74,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     println!("\n== coordination: one call of each store operation, measured on the store plugin");
     let runtime = Runtime::new(dir.join("cache"), Default::default())?;
     runtime.connect_cql(Arc::new(Cassandra::connect(&section).await.map_err(anyhow::Error::msg)?));
-    let sqlite = DatabaseFile { path: dir.join("coordination.db"), synchronous: Synchronous::Full, busy_timeout: Duration::from_secs(5) };
+    let sqlite = DatabaseFile::new(dir.join("coordination.db"), Synchronous::Full, Duration::from_secs(5));
     let stores = [
         ("embedded SQLite", "builtin:sqlite-store", Some(sqlite), Vec::new()),
         ("Cassandra", "builtin:cassandra-store", None, vec![("keyspace".to_string(), toml::Value::String(section.keyspace.clone()))]),

@@ -74,7 +74,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     println!("notices rust (builtin:default-notices): handle x1 {:.2} µs/call", us(per_call));
 
     for synchronous in [Synchronous::Full, Synchronous::Normal] {
-        let database = DatabaseFile { path: dir.join(format!("store-{synchronous:?}.db")), synchronous, busy_timeout: Duration::from_secs(5) };
+        let database = DatabaseFile::new(dir.join(format!("store-{synchronous:?}.db")), synchronous, Duration::from_secs(5));
         let plugin = Arc::new(runtime.load(Slot::Intermediate, &section("builtin:sqlite-store"), Path::new("."))?);
         let mut store: Instance<TranscriptStore> = runtime.instance(plugin, Some(database));
         let mut seq = 1u64;

@@ -1,32 +1,109 @@
 //! The embedded SQLite database (WAL) behind the `sql` capability. Each store plugin instance
 //! gets its own connection to the one file under `--data`; statements are prepared once and
 //! cached, and a `transaction` call is one SQLite transaction, so one group commit is one fsync.
+//!
+//! Two things the host does for every connection to the file, because SQLite alone would not:
+//! - Write transactions take turns in arrival order (`WriteGate`). SQLite's own busy handler
+//!   sleeps and retries, so a writer that commits back to back (the group commit under load)
+//!   can starve another one for seconds — and the starved one is the lease renewal, whose
+//!   lateness fences the whole instance.
+//! - WAL checkpoints run on a thread of their own (`keep_checkpointing`), not inside whichever
+//!   commit crosses the autocheckpoint size: a passive checkpoint runs beside the writer.
 
 use crate::config::Synchronous;
 use crate::plugins::bindings::sql::{SqlError, Statement, Value};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, ToSql};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 pub struct Database {
     conn: Connection,
+    gate: Arc<WriteGate>,
 }
 
+/// The embedded database file of an instance, and what its connections share.
 #[derive(Clone, Debug)]
 pub struct DatabaseFile {
     pub path: PathBuf,
     pub synchronous: Synchronous,
     pub busy_timeout: Duration,
+    gate: Arc<WriteGate>,
+    /// Whether a checkpoint thread runs for this file.
+    checkpointed: bool,
 }
 
 impl DatabaseFile {
+    pub fn new(path: PathBuf, synchronous: Synchronous, busy_timeout: Duration) -> Self {
+        Self { path, synchronous, busy_timeout, gate: Default::default(), checkpointed: false }
+    }
+
     pub fn open(&self) -> Result<Database, rusqlite::Error> {
-        Database::open(&self.path, self.synchronous, self.busy_timeout)
+        let mut db = Database::open(&self.path, self.synchronous, self.busy_timeout)?;
+        db.gate = self.gate.clone();
+        if self.checkpointed {
+            db.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        }
+        Ok(db)
+    }
+
+    /// Checkpoints the WAL into the database file every `period` on a thread of its own
+    /// connection, for as long as the process runs. Connections opened by `open` leave
+    /// checkpointing to it.
+    pub fn keep_checkpointing(&mut self, period: Duration) -> std::io::Result<()> {
+        let file = self.clone();
+        self.checkpointed = true;
+        std::thread::Builder::new().name("parley-checkpoint".into()).spawn(move || {
+            let mut db = None;
+            loop {
+                std::thread::sleep(period);
+                if db.is_none() {
+                    db = file.open().map_err(|e| tracing::warn!(event_id = "sqlite.checkpoint_failed", cause = %e, "cannot open the database to checkpoint it")).ok();
+                }
+                if let Some(d) = &db
+                    && let Err(e) = d.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                {
+                    tracing::warn!(event_id = "sqlite.checkpoint_failed", cause = %e, "WAL checkpoint failed; retrying");
+                    db = None;
+                }
+            }
+        })?;
+        Ok(())
+    }
+}
+
+/// Write transactions on one database file, first come first served (a ticket lock).
+#[derive(Debug, Default)]
+struct WriteGate {
+    /// (next ticket to hand out, ticket now writing)
+    tickets: Mutex<(u64, u64)>,
+    turn: Condvar,
+}
+
+struct Turn<'a>(&'a WriteGate);
+
+impl WriteGate {
+    fn enter(&self) -> Turn<'_> {
+        let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = t.0;
+        t.0 += 1;
+        while t.1 != mine {
+            t = self.turn.wait(t).unwrap_or_else(|p| p.into_inner());
+        }
+        Turn(self)
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.tickets.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
+        self.0.turn.notify_all();
     }
 }
 
 impl Database {
+    /// A connection of its own (its writes take no turns with others of this process).
     pub fn open(path: &Path, synchronous: Synchronous, busy_timeout: Duration) -> Result<Self, rusqlite::Error> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(busy_timeout)?;
@@ -37,15 +114,17 @@ impl Database {
         };
         conn.pragma_update(None, "synchronous", sync)?;
         // A group commit touches one leaf page per chat: keep the working set in memory, and
-        // checkpoint the WAL less often than every 4 MB so checkpoints do not stall commits.
+        // checkpoint the WAL less often than every 4 MB so checkpoints do not stall commits
+        // (where no checkpoint thread does it; see `keep_checkpointing`).
         conn.pragma_update(None, "cache_size", -16384)?;
         conn.pragma_update(None, "wal_autocheckpoint", 16384)?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.set_prepared_statement_cache_capacity(64);
-        Ok(Self { conn })
+        Ok(Self { conn, gate: Default::default() })
     }
 
     pub fn transaction(&mut self, statements: &[Statement]) -> Result<Vec<Vec<u64>>, SqlError> {
+        let _turn = self.gate.enter();
         let tx = self.conn.transaction().map_err(sql_error)?;
         let mut changed = Vec::with_capacity(statements.len());
         for statement in statements {
