@@ -50,7 +50,9 @@ impl DatabaseFile {
 
     /// Checkpoints the WAL into the database file every `period` on a thread of its own
     /// connection, for as long as the process runs. Connections opened by `open` leave
-    /// checkpointing to it.
+    /// checkpointing to it. A passive checkpoint copies pages beside the writers; but the WAL
+    /// only starts over once a checkpoint caught up with the last commit, which under steady
+    /// load a passive one never does — so then the rest is done in a writer's turn (RESTART).
     pub fn keep_checkpointing(&mut self, period: Duration) -> std::io::Result<()> {
         let file = self.clone();
         self.checkpointed = true;
@@ -62,7 +64,7 @@ impl DatabaseFile {
                     db = file.open().map_err(|e| tracing::warn!(event_id = "sqlite.checkpoint_failed", cause = %e, "cannot open the database to checkpoint it")).ok();
                 }
                 if let Some(d) = &db
-                    && let Err(e) = d.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    && let Err(e) = d.checkpoint()
                 {
                     tracing::warn!(event_id = "sqlite.checkpoint_failed", cause = %e, "WAL checkpoint failed; retrying");
                     db = None;
@@ -72,6 +74,9 @@ impl DatabaseFile {
         Ok(())
     }
 }
+
+/// A WAL longer than this (16 MiB of 4 KiB pages) starts over at the next checkpoint.
+const RESTART_AFTER_FRAMES: i64 = 4096;
 
 /// Write transactions on one database file, first come first served (a ticket lock).
 #[derive(Debug, Default)]
@@ -116,11 +121,24 @@ impl Database {
         // A group commit touches one leaf page per chat: keep the working set in memory, and
         // checkpoint the WAL less often than every 4 MB so checkpoints do not stall commits
         // (where no checkpoint thread does it; see `keep_checkpointing`).
-        conn.pragma_update(None, "cache_size", -16384)?;
+        conn.pragma_update(None, "cache_size", -65536)?;
         conn.pragma_update(None, "wal_autocheckpoint", 16384)?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
+        // A WAL that grew in a burst is cut back to this size when it starts over.
+        conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(Self { conn, gate: Default::default() })
+    }
+
+    fn checkpoint(&self) -> Result<(), rusqlite::Error> {
+        // Answers (busy, frames in the WAL, frames checkpointed).
+        let checkpoint = |mode: &str| self.conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
+        let (frames, _) = checkpoint("PASSIVE")?;
+        if frames > RESTART_AFTER_FRAMES {
+            let _turn = self.gate.enter();
+            checkpoint("RESTART")?;
+        }
+        Ok(())
     }
 
     pub fn transaction(&mut self, statements: &[Statement]) -> Result<Vec<Vec<u64>>, SqlError> {
