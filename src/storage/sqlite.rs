@@ -61,7 +61,10 @@ impl DatabaseFile {
             loop {
                 std::thread::sleep(period);
                 if db.is_none() {
-                    db = file.open().map_err(|e| tracing::warn!(event_id = "sqlite.checkpoint_failed", cause = %e, "cannot open the database to checkpoint it")).ok();
+                    // It holds this process's writers' turn while it waits for another
+                    // process's writer: briefly, then it tries again next time.
+                    let opened = file.open().and_then(|d| d.conn.busy_timeout(Duration::from_millis(100)).map(|()| d));
+                    db = opened.map_err(|e| tracing::warn!(event_id = "sqlite.checkpoint_failed", cause = %e, "cannot open the database to checkpoint it")).ok();
                 }
                 if let Some(d) = &db
                     && let Err(e) = d.checkpoint()
