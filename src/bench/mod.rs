@@ -107,6 +107,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     }
 
     let text = "x".repeat(o.text_bytes);
+    let server_pid = own_server.as_ref().and_then(|(child, _)| child.id());
+    let cpu_before = server_pid.map(CpuTime::of_threads);
+    let bench_before = CpuTime::of_threads(std::process::id());
+    let kpi_before = kpi(&target).await;
     let deadline = Instant::now() + Duration::from_secs(o.seconds);
     let started = Instant::now();
     let mut load = tokio::task::JoinSet::new();
@@ -159,11 +163,32 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         all.extend(lat);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = server_pid.zip(cpu_before).map(|(pid, before)| CpuTime::of_threads(pid).since(&before));
+    let bench_cpu = CpuTime::of_threads(std::process::id()).since(&bench_before);
+    let kpi_after = kpi(&target).await;
     all.sort_unstable();
     let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
     println!("acknowledged messages: {}  errors: {errors}", all.len());
     println!("durable messages/s:    {:.0}", all.len() as f64 / elapsed);
     println!("ack latency ms:        p50 {:.2}  p99 {:.2}  max {:.2}", pct(0.50), pct(0.99), pct(1.0));
+    let delta = |k: &str| kpi_after[k].as_u64().unwrap_or(0).saturating_sub(kpi_before[k].as_u64().unwrap_or(0));
+    let (batches, events) = (delta("save_batches"), delta("events_saved"));
+    if batches > 0 {
+        println!(
+            "group commits:         {batches}, {:.1} events each; saves failed {}, writes fenced {}",
+            events as f64 / batches as f64,
+            delta("save_failures"),
+            delta("writes_fenced")
+        );
+    }
+    // Where the CPU went, per acknowledged message: the two cores are shared by the server's
+    // threads and the load generator, so this is what bounds throughput.
+    let per_message = |seconds: f64| seconds * 1e6 / all.len().max(1) as f64;
+    if let Some(cpu) = cpu {
+        let threads: Vec<String> = cpu.iter().map(|(name, s)| format!("{name} {:.0}", per_message(*s))).collect();
+        println!("server CPU µs/message: {:.0} ({})", per_message(cpu.iter().map(|(_, s)| s).sum()), threads.join(", "));
+    }
+    println!("load generator CPU:    {:.0} µs/message", per_message(bench_cpu.iter().map(|(_, s)| s).sum()));
 
     // Every acknowledged message must be in its transcript exactly once.
     let mut checked = 0;
@@ -181,6 +206,43 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
+}
+
+/// CPU seconds used by a process's threads, by thread name (threads of one name summed).
+struct CpuTime(std::collections::BTreeMap<String, f64>);
+
+impl CpuTime {
+    fn of_threads(pid: u32) -> Self {
+        let mut by_name = std::collections::BTreeMap::new();
+        // Clock ticks are 1/100 s on Linux.
+        let ticks = 100.0;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+            let (Ok(name), Ok(stat)) = (std::fs::read_to_string(task.path().join("comm")), std::fs::read_to_string(task.path().join("stat"))) else { continue };
+            // Fields after the parenthesised name: utime and stime are the 12th and 13th.
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let used: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
+            *by_name.entry(name.trim().to_string()).or_insert(0.0) += used / ticks;
+        }
+        Self(by_name)
+    }
+
+    /// What each thread name used since `before`, busiest first, idle ones left out.
+    fn since(&self, before: &Self) -> Vec<(String, f64)> {
+        let mut used: Vec<(String, f64)> =
+            self.0.iter().map(|(name, s)| (name.clone(), s - before.0.get(name).copied().unwrap_or(0.0))).filter(|(_, s)| *s > 0.0).collect();
+        used.sort_by(|a, b| b.1.total_cmp(&a.1));
+        used
+    }
+}
+
+/// The instance's KPI counters (empty if it does not answer).
+async fn kpi(target: &str) -> serde_json::Value {
+    let mut c = Client::new(target);
+    match c.get("/v1/kpi", None).await {
+        Ok(r) if r.status == 200 => r.body,
+        _ => serde_json::Value::Null,
+    }
 }
 
 async fn start_instance(synchronous: &str, deployment: Option<&std::path::Path>) -> anyhow::Result<(tokio::process::Child, String, PathBuf)> {
