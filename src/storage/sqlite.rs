@@ -36,7 +36,8 @@ pub struct DatabaseFile {
 
 impl DatabaseFile {
     pub fn new(path: PathBuf, synchronous: Synchronous, busy_timeout: Duration) -> Self {
-        Self { path, synchronous, busy_timeout, gate: Default::default(), checkpointed: false }
+        let gate = Arc::new(WriteGate::for_file(&path, busy_timeout));
+        Self { path, synchronous, busy_timeout, gate, checkpointed: false }
     }
 
     pub fn open(&self) -> Result<Database, rusqlite::Error> {
@@ -81,17 +82,55 @@ impl DatabaseFile {
 /// A WAL longer than this (16 MiB of 4 KiB pages) starts over at the next checkpoint.
 const RESTART_AFTER_FRAMES: i64 = 4096;
 
-/// Write transactions on one database file, first come first served (a ticket lock).
+/// Write transactions on one database file, first come first served: within this process a
+/// ticket lock; between processes sharing the file (instances of a cluster on one host) a pair
+/// of lock files next to it (see `Turn`). The kernel drops a dead process's file locks, so a
+/// `kill -9` mid-transaction blocks nobody.
 #[derive(Debug, Default)]
 struct WriteGate {
     /// (next ticket to hand out, ticket now writing)
     tickets: Mutex<(u64, u64)>,
     turn: Condvar,
+    /// The lock files, opened at the first write (none for a private connection).
+    files: std::sync::OnceLock<Option<LockFiles>>,
+    database: Option<PathBuf>,
+    busy_timeout: Duration,
 }
 
+/// Takes a file lock, polling: `true` once taken, `false` past `until` or on an error.
+fn take(try_lock: impl Fn() -> Result<(), std::fs::TryLockError>, until: std::time::Instant) -> bool {
+    loop {
+        match try_lock() {
+            Ok(()) => return true,
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => std::thread::sleep(Duration::from_micros(100)),
+            Err(_) => return false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LockFiles {
+    /// Held exclusively by the process writing.
+    writing: std::fs::File,
+    /// Held shared by the processes waiting to write.
+    waiting: std::fs::File,
+}
+
+/// One writer's turn.
+///
+/// Between processes: a writer waits for the waiting room to be empty (an exclusive lock on
+/// `-waiting` is granted only when nobody holds it shared), enters it (shared), takes the
+/// `-writing` lock (polling every 0.1 ms), and leaves the room. A process that writes back to back therefore cannot
+/// take the `-writing` lock again while another one is waiting for it: they alternate. SQLite's
+/// own busy handler (sleep 1 ... 100 ms, retry) let such a process starve the others for
+/// seconds.
 struct Turn<'a>(&'a WriteGate);
 
 impl WriteGate {
+    fn for_file(database: &Path, busy_timeout: Duration) -> Self {
+        Self { database: Some(database.to_path_buf()), busy_timeout, ..Default::default() }
+    }
+
     fn enter(&self) -> Turn<'_> {
         let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
         let mine = t.0;
@@ -99,12 +138,45 @@ impl WriteGate {
         while t.1 != mine {
             t = self.turn.wait(t).unwrap_or_else(|p| p.into_inner());
         }
+        drop(t);
+        if let Some(files) = self.lock_files() {
+            // Each step waits at most the busy timeout (a process stopped with SIGSTOP keeps its
+            // locks); then SQLite's busy handler decides, as without these files.
+            let until = std::time::Instant::now() + self.busy_timeout;
+            let _ = take(|| files.waiting.try_lock(), until)
+                && take(|| files.waiting.try_lock_shared(), until)
+                && take(|| files.writing.try_lock(), until);
+            let _ = files.waiting.unlock();
+        }
         Turn(self)
+    }
+
+    fn lock_files(&self) -> Option<&LockFiles> {
+        self.files
+            .get_or_init(|| {
+                let database = self.database.as_ref()?;
+                let open = |suffix: &str| {
+                    let mut name = database.as_os_str().to_owned();
+                    name.push(suffix);
+                    std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(name)
+                };
+                match (open("-writing"), open("-waiting")) {
+                    (Ok(writing), Ok(waiting)) => Some(LockFiles { writing, waiting }),
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::warn!(event_id = "sqlite.lock_files_failed", cause = %e, "cannot open the write lock files; writes of different processes are ordered by SQLite alone");
+                        None
+                    }
+                }
+            })
+            .as_ref()
     }
 }
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
+        if let Some(Some(files)) = self.0.files.get() {
+            let _ = files.writing.unlock();
+        }
         self.0.tickets.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
         self.0.turn.notify_all();
     }
