@@ -59,19 +59,32 @@ impl DatabaseFile {
         self.checkpointed = true;
         std::thread::Builder::new().name("parley-checkpoint".into()).spawn(move || {
             let mut db = None;
+            // Logged when checkpoints start failing and when they work again, not every time.
+            let mut failing = false;
             loop {
                 std::thread::sleep(period);
                 if db.is_none() {
                     // It holds this process's writers' turn while it waits for another
                     // process's writer: briefly, then it tries again next time.
-                    let opened = file.open().and_then(|d| d.conn.busy_timeout(Duration::from_millis(100)).map(|()| d));
-                    db = opened.map_err(|e| tracing::warn!(event_id = "sqlite.checkpoint_failed", cause = %e, "cannot open the database to checkpoint it")).ok();
+                    db = file.open().and_then(|d| d.conn.busy_timeout(Duration::from_millis(100)).map(|()| d)).ok();
                 }
-                if let Some(d) = &db
-                    && let Err(e) = d.checkpoint()
-                {
-                    tracing::warn!(event_id = "sqlite.checkpoint_failed", cause = %e, "WAL checkpoint failed; retrying");
-                    db = None;
+                match db.as_ref().map(Database::checkpoint) {
+                    Some(Ok(())) if failing => {
+                        failing = false;
+                        tracing::info!(event_id = "sqlite.checkpoint_resumed", "WAL checkpoints work again");
+                    }
+                    Some(Ok(())) => {}
+                    failed => {
+                        if !failing {
+                            failing = true;
+                            let cause = match failed {
+                                Some(Err(e)) => e.to_string(),
+                                _ => "cannot open the database".to_string(),
+                            };
+                            tracing::warn!(event_id = "sqlite.checkpoint_failed", cause, "WAL checkpoints fail; retrying every {} ms", period.as_millis());
+                        }
+                        db = None;
+                    }
                 }
             }
         })?;
