@@ -41,8 +41,7 @@ impl DatabaseFile {
     }
 
     pub fn open(&self) -> Result<Database, rusqlite::Error> {
-        let mut db = Database::open(&self.path, self.synchronous, self.busy_timeout)?;
-        db.gate = self.gate.clone();
+        let db = Database::connect(&self.path, self.synchronous, self.busy_timeout, self.gate.clone())?;
         if self.checkpointed {
             db.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         }
@@ -133,10 +132,10 @@ struct LockFiles {
 ///
 /// Between processes: a writer waits for the waiting room to be empty (an exclusive lock on
 /// `-waiting` is granted only when nobody holds it shared), enters it (shared), takes the
-/// `-writing` lock (polling every 0.1 ms), and leaves the room. A process that writes back to back therefore cannot
-/// take the `-writing` lock again while another one is waiting for it: they alternate. SQLite's
-/// own busy handler (sleep 1 ... 100 ms, retry) let such a process starve the others for
-/// seconds.
+/// `-writing` lock (polling every 0.1 ms), and leaves the room. A process that writes back to
+/// back therefore cannot take the `-writing` lock again while another one is waiting for it:
+/// they alternate. SQLite's own busy handler (sleep 1 ... 100 ms, retry) let such a process
+/// starve the others for seconds.
 struct Turn<'a>(&'a WriteGate);
 
 impl WriteGate {
@@ -198,6 +197,10 @@ impl Drop for Turn<'_> {
 impl Database {
     /// A connection of its own (its writes take no turns with others of this process).
     pub fn open(path: &Path, synchronous: Synchronous, busy_timeout: Duration) -> Result<Self, rusqlite::Error> {
+        Self::connect(path, synchronous, busy_timeout, Default::default())
+    }
+
+    fn connect(path: &Path, synchronous: Synchronous, busy_timeout: Duration, gate: Arc<WriteGate>) -> Result<Self, rusqlite::Error> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(busy_timeout)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -215,7 +218,7 @@ impl Database {
         // A WAL that grew in a burst is cut back to this size when it starts over.
         conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
         conn.set_prepared_statement_cache_capacity(64);
-        Ok(Self { conn, gate: Default::default() })
+        Ok(Self { conn, gate })
     }
 
     fn checkpoint(&self) -> Result<(), rusqlite::Error> {
