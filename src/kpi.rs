@@ -55,6 +55,8 @@ pub struct Kpi {
     pub lease_renewals: AtomicU64,
     pub lease_renewal_failures: AtomicU64,
     save_latency: Histogram,
+    /// From a message's arrival to its acknowledgement (after the save), on the owner.
+    pub message_acks: Histogram,
     /// Latency of every plugin call, per slot (intermediate, final, save-error-policy, notice-handler).
     pub plugin_calls: [Histogram; 4],
     /// Whether the intermediate store answered its last call (0 after an `unavailable`).
@@ -78,6 +80,7 @@ impl Default for Kpi {
             lease_renewals: Default::default(),
             lease_renewal_failures: Default::default(),
             save_latency: Default::default(),
+            message_acks: Default::default(),
             plugin_calls: Default::default(),
             storage_available: true.into(),
         }
@@ -172,6 +175,8 @@ impl Kpi {
         );
         let _ = writeln!(out, "# HELP parley_save_batch_seconds Latency of one group-commit store call.\n# TYPE parley_save_batch_seconds histogram");
         self.save_latency.write(&mut out, "parley_save_batch_seconds", &format!("instance=\"{instance}\""));
+        let _ = writeln!(out, "# HELP parley_message_ack_seconds From a message's arrival at its chat's owner to its acknowledgement.\n# TYPE parley_message_ack_seconds histogram");
+        self.message_acks.write(&mut out, "parley_message_ack_seconds", &format!("instance=\"{instance}\""));
         let _ = writeln!(out, "# HELP parley_plugin_call_seconds Latency of one call into a plugin, per slot.\n# TYPE parley_plugin_call_seconds histogram");
         for (slot, h) in crate::plugins::Slot::ALL.iter().zip(&self.plugin_calls) {
             h.write(&mut out, "parley_plugin_call_seconds", &format!("instance=\"{instance}\",slot=\"{}\"", slot.name()));

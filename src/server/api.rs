@@ -348,8 +348,10 @@ async fn create_chat(app: &App, req: &Req) -> Reply {
 }
 
 async fn post_message(app: &App, chat: &ChatHandle, member: &Member, req: &Req) -> Reply {
+    let received = std::time::Instant::now();
     let body = input::new_message(req.body(), &app.limits)?;
     let seq = chat.post(member, body.text, body.client_msg_id).await?;
+    app.kpi.message_acks.record(received.elapsed());
     json(StatusCode::OK, serde_json::json!({"seq": seq}))
 }
 
