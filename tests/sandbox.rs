@@ -102,3 +102,54 @@ async fn continue_policy_refuses_the_message_and_keeps_the_chat() {
     let r = agent.client.post(&format!("/v1/chats/{}/typing", agent.chat_id), Some(&agent.token), json!({"typing": false})).await.unwrap();
     assert_eq!(r.status, 200);
 }
+
+/// The `sql` capability is the granted database and nothing more: no other file (ATTACH,
+/// VACUUM INTO), no PRAGMA (durability is the deployment's, and every store writes through
+/// one shared connection), no writes or open transactions through `query`. Run on a real
+/// SQLite file, through the host side of the capability the plugins call.
+#[test]
+fn sql_capability_reaches_only_the_granted_database() {
+    use parley::config::Synchronous;
+    use parley::plugins::bindings::sql::{SqlError, Statement, Value};
+    use parley::storage::sqlite::DatabaseFile;
+    let data = Scratch::new("sql-capability");
+    let file = DatabaseFile::new(data.path().join("parley.db"), Synchronous::Full, std::time::Duration::from_secs(1));
+    let (mut store, mut other) = (file.open().unwrap(), file.open().unwrap());
+    let statement = |sql: &str, rows: Vec<Vec<Value>>| Statement { sql: sql.to_string(), rows };
+    store.transaction(&[statement("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)", vec![vec![]])]).unwrap();
+    let changed = store.transaction(&[statement("INSERT INTO t VALUES (?1, ?2)", vec![vec![Value::Integer(1), Value::Text("one".into())]])]).unwrap();
+    assert_eq!(changed, vec![vec![1]]);
+    // What one store instance writes, another reads.
+    let rows = |r: Result<Vec<Vec<Value>>, SqlError>| format!("{:?}", r.unwrap());
+    assert_eq!(rows(other.query("SELECT v FROM t WHERE k = ?1", &[Value::Integer(1)])), r#"[[Value::Text("one")]]"#);
+
+    let elsewhere = data.path().join("elsewhere.db");
+    let refused = |r: Result<Vec<Vec<u64>>, SqlError>| match r {
+        Err(SqlError::Invalid(m)) => m,
+        other => panic!("expected an `invalid` refusal, got {other:?}"),
+    };
+    let attach = format!("ATTACH DATABASE '{}' AS x", elsewhere.display());
+    for sql in [attach.as_str(), "PRAGMA synchronous = OFF", "PRAGMA journal_mode = DELETE"] {
+        let message = refused(store.transaction(&[statement(sql, vec![vec![]])]));
+        assert!(message.contains("not authorized"), "{sql}: {message}");
+    }
+    // VACUUM cannot run inside the capability's transaction; through a query it is refused.
+    for sql in [attach, format!("VACUUM INTO '{}'", elsewhere.display())] {
+        assert!(matches!(other.query(&sql, &[]), Err(SqlError::Invalid(_))), "{sql} through query must be refused");
+    }
+    assert!(!elsewhere.exists(), "no file outside the granted database was created");
+    assert!(other.query("PRAGMA synchronous", &[]).is_err(), "a pragma is refused in a query too");
+
+    // `query` is read-only and leaves no transaction open.
+    match other.query("INSERT INTO t VALUES (2, 'two') RETURNING k", &[]) {
+        Err(SqlError::Invalid(m)) => assert!(m.contains("read-only"), "{m}"),
+        r => panic!("a write through query must be refused, got {r:?}"),
+    }
+    match other.query("BEGIN", &[]) {
+        Err(SqlError::Invalid(m)) => assert!(m.contains("transaction"), "{m}"),
+        r => panic!("BEGIN through query must be refused, got {r:?}"),
+    }
+    store.transaction(&[statement("INSERT INTO t VALUES (?1, ?2)", vec![vec![Value::Integer(3), Value::Text("three".into())]])]).unwrap();
+    // Had BEGIN left a transaction open, this connection would still see the old snapshot.
+    assert_eq!(rows(other.query("SELECT count(*) FROM t", &[])), "[[Value::Integer(2)]]");
+}

@@ -1,8 +1,13 @@
 //! The embedded SQLite database (WAL) behind the `sql` capability. Each store plugin instance
-//! gets its own connection to the one file under `--data`; statements are prepared once and
-//! cached, and a `transaction` call is one SQLite transaction, so one group commit is one fsync.
+//! gets its own connection to the one file under `--data` for its reads; statements are
+//! prepared once and cached, and a `transaction` call is one SQLite transaction, so one group
+//! commit is one fsync.
 //!
-//! Two things the host does for every connection to the file, because SQLite alone would not:
+//! Three things the host does for every connection to the file, because SQLite alone would not:
+//! - All write transactions of the process go through one shared writer connection. In WAL
+//!   mode a connection drops its whole page cache whenever another connection has committed
+//!   since its last transaction: with the lease renewals on a connection of their own, the
+//!   group commit re-read its 1,000 chats' pages from disk after every renewal.
 //! - Write transactions take turns in arrival order (`WriteGate`). SQLite's own busy handler
 //!   sleeps and retries, so a writer that commits back to back (the group commit under load)
 //!   can starve another one for seconds — and the starved one is the lease renewal, whose
@@ -19,8 +24,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 pub struct Database {
+    /// For reads.
     conn: Connection,
     gate: Arc<WriteGate>,
+    path: PathBuf,
+    synchronous: Synchronous,
+    busy_timeout: Duration,
+    checkpointed: bool,
 }
 
 /// The embedded database file of an instance, and what its connections share.
@@ -41,18 +51,15 @@ impl DatabaseFile {
     }
 
     pub fn open(&self) -> Result<Database, rusqlite::Error> {
-        let db = Database::connect(&self.path, self.synchronous, self.busy_timeout, self.gate.clone())?;
-        if self.checkpointed {
-            db.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        }
-        Ok(db)
+        Database::connect(&self.path, self.synchronous, self.busy_timeout, self.checkpointed, self.gate.clone())
     }
 
     /// Checkpoints the WAL into the database file every `period` on a thread of its own
     /// connection, for as long as the process runs. Connections opened by `open` leave
     /// checkpointing to it. A passive checkpoint copies pages beside the writers; but the WAL
     /// only starts over once a checkpoint caught up with the last commit, which under steady
-    /// load a passive one never does — so then the rest is done in a writer's turn (RESTART).
+    /// load a passive one never does — so past `RESTART_AFTER_FRAMES` it catches up in passes
+    /// beside the writers, and copies the last few frames in a writer's turn.
     pub fn keep_checkpointing(&mut self, period: Duration) -> std::io::Result<()> {
         let file = self.clone();
         self.checkpointed = true;
@@ -65,9 +72,9 @@ impl DatabaseFile {
                 if db.is_none() {
                     // It holds this process's writers' turn while it waits for another
                     // process's writer: briefly, then it tries again next time.
-                    db = file.open().and_then(|d| d.conn.busy_timeout(Duration::from_millis(100)).map(|()| d)).ok();
+                    db = connection(&file.path, file.synchronous, Duration::from_millis(100), true).ok();
                 }
-                match db.as_ref().map(Database::checkpoint) {
+                match db.as_ref().map(|conn| checkpoint(conn, &file.gate, &file.path)) {
                     Some(Ok(())) if failing => {
                         failing = false;
                         tracing::info!(event_id = "sqlite.checkpoint_resumed", "WAL checkpoints work again");
@@ -91,8 +98,12 @@ impl DatabaseFile {
     }
 }
 
-/// A WAL longer than this (16 MiB of 4 KiB pages) starts over at the next checkpoint.
+/// A WAL longer than this (16 MiB of 4 KiB pages) starts over after the next checkpoint.
 const RESTART_AFTER_FRAMES: i64 = 4096;
+
+/// A checkpoint in a writer's turn copies at most about this many frames (the rest having
+/// been copied beside the writers), so commits wait for it only briefly.
+const CATCH_UP_IN_TURN: i64 = 256;
 
 /// Write transactions on one database file, first come first served: within this process a
 /// ticket lock; between processes sharing the file (instances of a cluster on one host) a pair
@@ -107,6 +118,9 @@ struct WriteGate {
     files: std::sync::OnceLock<Option<LockFiles>>,
     database: Option<PathBuf>,
     busy_timeout: Duration,
+    /// The process's one connection for writes, opened at the first write; used only within
+    /// a `Turn`.
+    writer: Mutex<Option<Connection>>,
 }
 
 /// Takes a file lock, polling: `true` once taken, `false` past `until` or on an error.
@@ -197,44 +211,22 @@ impl Drop for Turn<'_> {
 impl Database {
     /// A connection of its own (its writes take no turns with others of this process).
     pub fn open(path: &Path, synchronous: Synchronous, busy_timeout: Duration) -> Result<Self, rusqlite::Error> {
-        Self::connect(path, synchronous, busy_timeout, Default::default())
+        Self::connect(path, synchronous, busy_timeout, false, Default::default())
     }
 
-    fn connect(path: &Path, synchronous: Synchronous, busy_timeout: Duration, gate: Arc<WriteGate>) -> Result<Self, rusqlite::Error> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(busy_timeout)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        let sync = match synchronous {
-            Synchronous::Normal => "NORMAL",
-            Synchronous::Full => "FULL",
-        };
-        conn.pragma_update(None, "synchronous", sync)?;
-        // A group commit touches one leaf page per chat: keep the working set in memory, and
-        // checkpoint the WAL less often than every 4 MB so checkpoints do not stall commits
-        // (where no checkpoint thread does it; see `keep_checkpointing`).
-        conn.pragma_update(None, "cache_size", -65536)?;
-        conn.pragma_update(None, "wal_autocheckpoint", 16384)?;
-        conn.pragma_update(None, "temp_store", "MEMORY")?;
-        // A WAL that grew in a burst is cut back to this size when it starts over.
-        conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
-        conn.set_prepared_statement_cache_capacity(64);
-        Ok(Self { conn, gate })
-    }
-
-    fn checkpoint(&self) -> Result<(), rusqlite::Error> {
-        // Answers (busy, frames in the WAL, frames checkpointed).
-        let checkpoint = |mode: &str| self.conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
-        let (frames, _) = checkpoint("PASSIVE")?;
-        if frames > RESTART_AFTER_FRAMES {
-            let _turn = self.gate.enter();
-            checkpoint("RESTART")?;
-        }
-        Ok(())
+    fn connect(path: &Path, synchronous: Synchronous, busy_timeout: Duration, checkpointed: bool, gate: Arc<WriteGate>) -> Result<Self, rusqlite::Error> {
+        let conn = plugin_connection(path, synchronous, busy_timeout, checkpointed)?;
+        Ok(Self { conn, gate, path: path.to_path_buf(), synchronous, busy_timeout, checkpointed })
     }
 
     pub fn transaction(&mut self, statements: &[Statement]) -> Result<Vec<Vec<u64>>, SqlError> {
         let _turn = self.gate.enter();
-        let tx = self.conn.transaction().map_err(sql_error)?;
+        let mut writer = self.gate.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = match &mut *writer {
+            Some(conn) => conn,
+            none => none.insert(plugin_connection(&self.path, self.synchronous, self.busy_timeout, self.checkpointed).map_err(sql_error)?),
+        };
+        let tx = conn.transaction().map_err(sql_error)?;
         let mut changed = Vec::with_capacity(statements.len());
         for statement in statements {
             let mut counts = Vec::with_capacity(statement.rows.len());
@@ -253,6 +245,10 @@ impl Database {
 
     pub fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Vec<Value>>, SqlError> {
         let mut prepared = self.conn.prepare_cached(sql).map_err(sql_error)?;
+        // Writes take their turn through `transaction`; a query that wrote would bypass it.
+        if !prepared.readonly() {
+            return Err(SqlError::Invalid("query runs read-only statements; write through transaction".into()));
+        }
         let columns = prepared.column_count();
         let mut rows = prepared.query(rusqlite::params_from_iter(params.iter().map(Param))).map_err(sql_error)?;
         let mut out = Vec::new();
@@ -269,8 +265,77 @@ impl Database {
             }
             out.push(values);
         }
+        drop(rows);
+        drop(prepared);
+        // A BEGIN counts as read-only, but a transaction left open would pin the WAL.
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(SqlError::Invalid("query cannot open a transaction".into()));
+        }
         Ok(out)
     }
+}
+
+/// One round of the checkpoint thread (see `keep_checkpointing`).
+fn checkpoint(conn: &Connection, gate: &WriteGate, path: &Path) -> Result<(), rusqlite::Error> {
+    // Answers (frames in the WAL, frames checkpointed).
+    let checkpoint = || conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
+    let (frames, mut done) = checkpoint()?;
+    if frames <= RESTART_AFTER_FRAMES {
+        return Ok(());
+    }
+    // Catch up beside the writers: each pass copies what was committed during the last.
+    for _ in 0..4 {
+        let before = done;
+        (_, done) = checkpoint()?;
+        if done - before <= CATCH_UP_IN_TURN {
+            break;
+        }
+    }
+    // Write the copied pages to disk beside the writers too, so the checkpoint's own fsync
+    // in the turn finds little left to do.
+    let _ = std::fs::File::open(path).and_then(|f| f.sync_data());
+    // The rest in a writer's turn: with nothing left to copy, the next commit starts the
+    // WAL over. (A RESTART checkpoint here held the turn for 3-20 ms at 10,000 msg/s, and
+    // every message arriving meanwhile waited.)
+    let _turn = gate.enter();
+    checkpoint().map(drop)
+}
+
+/// A connection with the pragmas every connection to the file uses; `checkpointed`: a
+/// checkpoint thread runs for the file, so commits leave the WAL to it.
+fn connection(path: &Path, synchronous: Synchronous, busy_timeout: Duration, checkpointed: bool) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(busy_timeout)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let sync = match synchronous {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    // A group commit touches one leaf page per chat: keep the working set in memory, and
+    // checkpoint the WAL less often than every 4 MB so checkpoints do not stall commits
+    // (where no checkpoint thread does it; see `keep_checkpointing`).
+    conn.pragma_update(None, "cache_size", -65536)?;
+    conn.pragma_update(None, "wal_autocheckpoint", if checkpointed { 0 } else { 16384 })?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // A WAL that grew in a burst is cut back to this size when it starts over.
+    conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+/// A connection for plugins' SQL: the granted database and nothing more. ATTACH (also used by
+/// VACUUM INTO) would reach any file the host can; a PRAGMA could switch off durability for
+/// every plugin writing through the shared writer connection.
+fn plugin_connection(path: &Path, synchronous: Synchronous, busy_timeout: Duration, checkpointed: bool) -> Result<Connection, rusqlite::Error> {
+    use rusqlite::hooks::{AuthAction, Authorization};
+    let conn = connection(path, synchronous, busy_timeout, checkpointed)?;
+    conn.authorizer(Some(|context: rusqlite::hooks::AuthContext<'_>| match context.action {
+        AuthAction::Attach { .. } | AuthAction::Detach { .. } | AuthAction::Pragma { .. } => Authorization::Deny,
+        _ => Authorization::Allow,
+    }));
+    Ok(conn)
 }
 
 struct Param<'a>(&'a Value);
