@@ -22,7 +22,7 @@ pub enum ClientError {
     Status { status: u16, body: Value },
 }
 
-/// A response: status, JSON body (Null if not JSON) and the answering instance.
+/// A response: status, JSON body (a string if not JSON, Null if empty) and the answering instance.
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: u16,
@@ -91,7 +91,8 @@ impl Client {
         let status = response.status().as_u16();
         let instance = response.headers().get("parley-instance").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let bytes = response.into_body().collect().await?.to_bytes();
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        // A body that is not JSON (the Prometheus text of /metrics) is kept as a string.
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| if bytes.is_empty() { Value::Null } else { Value::String(String::from_utf8_lossy(&bytes).into_owned()) });
         Ok(Reply { status, body, instance })
     }
 

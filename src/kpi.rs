@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// Upper bounds (microseconds) of the latency histogram buckets: from a cheap plugin call
-/// (a few µs) to a slow group commit.
-const BUCKETS_US: [u64; 14] = [5, 10, 25, 50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000, 1_000_000];
+/// (a few µs) to a slow group commit; 20 ms is a common ack-latency objective.
+const BUCKETS_US: [u64; 16] = [5, 10, 25, 50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 500_000, 1_000_000];
 
 /// A Prometheus latency histogram, updated without locks.
 #[derive(Default)]

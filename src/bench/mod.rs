@@ -111,6 +111,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let cpu_before = server_pid.map(CpuTime::of_threads);
     let bench_before = CpuTime::of_threads(std::process::id());
     let kpi_before = kpi(&target).await;
+    let acks_before = server_acks(&target).await;
     let deadline = Instant::now() + Duration::from_secs(o.seconds);
     let started = Instant::now();
     let mut load = tokio::task::JoinSet::new();
@@ -166,11 +167,19 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let cpu = server_pid.zip(cpu_before).map(|(pid, before)| CpuTime::of_threads(pid).since(&before));
     let bench_cpu = CpuTime::of_threads(std::process::id()).since(&bench_before);
     let kpi_after = kpi(&target).await;
+    let acks_after = server_acks(&target).await;
     all.sort_unstable();
     let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
     println!("acknowledged messages: {}  errors: {errors}", all.len());
     println!("durable messages/s:    {:.0}", all.len() as f64 / elapsed);
     println!("ack latency ms:        p50 {:.2}  p99 {:.2}  max {:.2}", pct(0.50), pct(0.99), pct(1.0));
+    // The server's own share: arrival at the owner to the ack, without the generator's
+    // scheduling and the loopback; bucket bounds, so "<=".
+    let acks: Vec<(f64, u64)> = acks_after.iter().zip(&acks_before).map(|((le, after), (_, before))| (*le, after - before)).collect();
+    if let Some(&(_, total)) = acks.last().filter(|(_, n)| *n > 0) {
+        let bound = |p: f64| acks.iter().find(|(_, n)| *n as f64 >= p * total as f64).map_or(f64::INFINITY, |(le, _)| le * 1000.0);
+        println!("  of which the server: p50 <= {} ms  p99 <= {} ms (histogram buckets)", bound(0.50), bound(0.99));
+    }
     let delta = |k: &str| kpi_after[k].as_u64().unwrap_or(0).saturating_sub(kpi_before[k].as_u64().unwrap_or(0));
     let (batches, events) = (delta("save_batches"), delta("events_saved"));
     if batches > 0 {
@@ -243,6 +252,22 @@ async fn kpi(target: &str) -> serde_json::Value {
         Ok(r) if r.status == 200 => r.body,
         _ => serde_json::Value::Null,
     }
+}
+
+/// The instance's cumulative ack-latency histogram: (bucket bound in seconds, count), the
+/// last bucket unbounded; empty if it does not answer.
+async fn server_acks(target: &str) -> Vec<(f64, u64)> {
+    let mut c = Client::new(target);
+    let Ok(r) = c.get("/metrics", None).await else { return Vec::new() };
+    let Some(text) = r.body.as_str() else { return Vec::new() };
+    text.lines()
+        .filter(|l| l.starts_with("parley_message_ack_seconds_bucket"))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let count = l.rsplit(' ').next()?.parse().ok()?;
+            Some((if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? }, count))
+        })
+        .collect()
 }
 
 async fn start_instance(synchronous: &str, deployment: Option<&std::path::Path>) -> anyhow::Result<(tokio::process::Child, String, PathBuf)> {
