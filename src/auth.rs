@@ -30,6 +30,30 @@ pub fn new_id() -> String {
     hex::encode(bytes)
 }
 
+/// HMAC-SHA256 of `parts` (separated by NUL) under `key`, its first 128 bits as hex: ids and
+/// tokens that every instance of a cluster derives alike, so a retried create or join gets
+/// the answer the lost one carried, from whichever instance it reaches.
+pub fn derive(key: &[u8], parts: &[&str]) -> String {
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            inner.update([0]);
+        }
+        inner.update(part.as_bytes());
+    }
+    let mut outer = Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    hex::encode(&outer.finalize()[..16])
+}
+
 /// The agent and admin tokens a deployment accepts, as digests.
 #[derive(Default, Clone)]
 pub struct StaffTokens {

@@ -118,6 +118,15 @@ async fn reference_guide_test_with_cassandra_as_the_store() {
     scenarios::reference_guide_test((0..3).map(|_| on.start()).collect()).await;
 }
 
+/// The same chat id created on two instances at once: Cassandra's creating `IF NOT EXISTS`
+/// lets one of them write it; retries after kill -9 answer the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_creates_and_joins_open_nothing_twice_with_cassandra_as_the_store() {
+    let _node = NODE.read().await;
+    let on = OnCassandra::new("request_id", "");
+    scenarios::retried_creates_and_joins_open_nothing_twice((0..3).map(|_| on.start()).collect()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_chats_survive_kill_9_with_cassandra_as_the_store() {
     let _node = NODE.read().await;

@@ -448,3 +448,11 @@ fn http_get(authority: &str, path: &str) -> String {
     stream.read_to_string(&mut answer).unwrap();
     answer
 }
+
+/// A create or a join whose answer was lost is retried with the same client_request_id (on
+/// the same instance, another one, after kill -9, on two at once): nothing opened twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_creates_and_joins_open_nothing_twice() {
+    let data = Scratch::new("request-id");
+    scenarios::retried_creates_and_joins_open_nothing_twice(cluster_of(3, &data, None)).await;
+}

@@ -14,6 +14,7 @@
  *   instance resumes exactly where the last one stopped: nothing missed, nothing twice.
  * - Messages are sent one after another, each with its client_msg_id, and resent with the
  *   same id until the server acknowledges it with a seq: a resend never stores it twice.
+ *   Starting a chat and joining one carry a client_request_id the same way.
  * - Every answer names the instance that served the chat (Parley-Instance), so a page can
  *   show where its chat lives and that it was restored elsewhere.
  */
@@ -125,10 +126,11 @@
 
   /**
    * A customer starts a chat. Tried on a few instances: an instance that refuses (draining,
-   * full) answers before creating anything.
+   * full) answers before creating anything, and every try carries the same client_request_id,
+   * so a try whose answer was lost opened the very chat a later try answers with.
    */
   async function startChat(cluster, { nickname, subject = "", userData } = {}) {
-    const body = { nickname, subject };
+    const body = { nickname, subject, client_request_id: newId() };
     if (userData) body.user_data = userData;
     const r = await cluster.request("POST", "/v1/chats", { body, attempts: 2 * cluster.instances.length + 2 });
     return { chatId: r.body.chat_id, participantId: r.body.participant_id, token: r.body.token, instance: r.instance };
@@ -146,7 +148,9 @@
       return r.body;
     }
     async join(chatId, nickname) {
-      const r = await this.cluster.request("POST", `/v1/chats/${encodeURIComponent(chatId)}/join`, { token: this.token, body: { nickname }, attempts: this.cluster.instances.length + 2 });
+      // One id for all tries: a retried join whose answer was lost adds no second agent.
+      const body = { nickname, client_request_id: newId() };
+      const r = await this.cluster.request("POST", `/v1/chats/${encodeURIComponent(chatId)}/join`, { token: this.token, body, attempts: this.cluster.instances.length + 2 });
       return { chatId, participantId: r.body.participant_id, token: r.body.token, instance: r.instance };
     }
   }

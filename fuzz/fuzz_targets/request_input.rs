@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     let limits = LimitsSection::default();
     let nickname_ok = |n: &str| !n.is_empty() && n == n.trim() && n.chars().count() <= limits.max_nickname_chars;
     match input::new_chat(data, &limits) {
-        Ok(c) => assert!(nickname_ok(&c.nickname) && c.subject.chars().count() <= limits.max_message_chars),
+        Ok(c) => assert!(nickname_ok(&c.nickname) && c.subject.chars().count() <= limits.max_message_chars && c.client_request_id.as_ref().is_none_or(|id| (16..=128).contains(&id.len()))),
         Err(e) => refused(&e),
     }
     match input::new_message(data, &limits) {
@@ -28,8 +28,9 @@ fuzz_target!(|data: &[u8]| {
     if let Err(e) = input::typing(data) {
         refused(&e);
     }
+    let request_id_ok = |id: &Option<String>| id.as_ref().is_none_or(|id| (16..=128).contains(&id.len()));
     match input::join(data, &limits) {
-        Ok(n) => assert!(nickname_ok(&n)),
+        Ok(j) => assert!(nickname_ok(&j.nickname) && request_id_ok(&j.client_request_id)),
         Err(e) => refused(&e),
     }
     match input::close_reason(data, &limits) {

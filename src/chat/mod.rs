@@ -49,6 +49,8 @@ pub enum ChatError {
     Storage(String),
     #[error("the chat already has {0} participants (limits.max_participants)")]
     Full(usize),
+    #[error("{0}")]
+    RequestReused(String),
     #[error("too many messages: at most {per_second} per second on average (limits.messages_per_second); retry in {retry_ms} ms")]
     RateLimited { per_second: f64, retry_ms: u64 },
 }
@@ -208,7 +210,7 @@ impl NoticeSink for ChatShared {
 /// What a chat's task is asked to do.
 enum Command {
     Post { member: Arc<str>, text: String, client_msg_id: Option<String>, reply: oneshot::Sender<Result<u64, ChatError>> },
-    Join { nickname: Arc<str>, reply: oneshot::Sender<Result<Joined, ChatError>> },
+    Join { nickname: Arc<str>, client_request_id: Option<String>, reply: oneshot::Sender<Result<Joined, ChatError>> },
     Reconnect { member: Arc<str> },
     Leave { member: Arc<str>, reply: oneshot::Sender<Result<u64, ChatError>> },
     Close { reason: String, reply: oneshot::Sender<Result<u64, ChatError>> },
@@ -257,8 +259,10 @@ impl ChatHandle {
         self.ask(|reply| Command::Post { member: member.id.clone(), text, client_msg_id, reply }).await
     }
 
-    pub async fn join(&self, nickname: &str) -> Result<Joined, ChatError> {
-        self.ask(|reply| Command::Join { nickname: nickname.into(), reply }).await
+    /// Adds an agent. With a `client_request_id` the agent's id and token derive from it: a
+    /// retried join answers the same and adds no one.
+    pub async fn join(&self, nickname: &str, client_request_id: Option<String>) -> Result<Joined, ChatError> {
+        self.ask(|reply| Command::Join { nickname: nickname.into(), client_request_id, reply }).await
     }
 
     pub async fn leave(&self, member: &Member) -> Result<u64, ChatError> {
@@ -347,17 +351,72 @@ impl Chats {
         &self.deps
     }
 
-    /// Opens a chat for a customer; resolves once the chat is saved.
-    pub async fn create(&self, nickname: &str, subject: String, user_data: serde_json::Map<String, serde_json::Value>) -> Result<Created, ChatError> {
-        let chat_id: Arc<str> = auth::new_id().into();
-        let (token, token_sha256) = auth::new_token();
-        let customer = Participant { id: auth::new_id().into(), role: Role::Customer, nickname: nickname.into(), token_sha256, present: true };
-        let created = Created { chat_id: chat_id.clone(), participant_id: customer.id.clone(), token };
-        let meta = Meta { subject, user_data, created_ms: event::now_ms(), participants: vec![customer] };
-        let (handle, saved) = session::open(self.deps.clone(), self.map.clone(), chat_id.clone(), meta);
-        self.map.write().unwrap().insert(chat_id, handle);
-        saved.await.unwrap_or(Err(ChatError::Closed))?;
-        Ok(created)
+    /// Opens a chat for a customer; resolves once the chat is saved. With a
+    /// `client_request_id`, the chat's id, the customer's id and token derive from it (and the
+    /// cluster secret), so a retry — here or on any instance, after the first answer was lost
+    /// — answers the same and opens nothing new.
+    pub async fn create(&self, nickname: &str, subject: String, user_data: serde_json::Map<String, serde_json::Value>, client_request_id: Option<&str>) -> Result<Created, ChatError> {
+        let (created, token_sha256) = match client_request_id {
+            None => {
+                let (token, token_sha256) = auth::new_token();
+                (Created { chat_id: auth::new_id().into(), participant_id: auth::new_id().into(), token }, token_sha256)
+            }
+            Some(request) => {
+                let key = self.deps.cluster.secret().as_bytes();
+                let chat_id = auth::derive(key, &["chat", request]);
+                let participant_id = auth::derive(key, &["customer", &chat_id]);
+                let token = auth::derive(key, &["customer-token", &chat_id, request]);
+                let token_sha256 = auth::hash(&token);
+                let created = Created { chat_id: chat_id.into(), participant_id: participant_id.into(), token };
+                if self.created_before(&created, nickname).await? {
+                    return Ok(created);
+                }
+                (created, token_sha256)
+            }
+        };
+        let customer = Participant { id: created.participant_id.clone(), role: Role::Customer, nickname: nickname.into(), token_sha256, present: true };
+        let saved = {
+            let mut map = self.map.write().unwrap();
+            if map.contains_key(&created.chat_id) {
+                // The same request, retried while the first is still being saved.
+                None
+            } else {
+                let meta = Meta { subject, user_data, created_ms: event::now_ms(), participants: vec![customer] };
+                let (handle, saved) = session::open(self.deps.clone(), self.map.clone(), created.chat_id.clone(), meta);
+                map.insert(created.chat_id.clone(), handle);
+                Some(saved)
+            }
+        };
+        let Some(saved) = saved else { return Ok(created) };
+        match saved.await.unwrap_or(Err(ChatError::Closed)) {
+            Ok(()) => Ok(created),
+            // Created on another instance first, from the same request retried there.
+            Err(e) if client_request_id.is_some() => match self.created_before(&created, nickname).await {
+                Ok(true) => Ok(created),
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the chat a create with a client_request_id derives exists already (open here or
+    /// elsewhere, or closed). The same id used for another customer is refused.
+    async fn created_before(&self, created: &Created, nickname: &str) -> Result<bool, ChatError> {
+        let reused = || ChatError::RequestReused("client_request_id was used to open another chat".into());
+        if let Some(h) = self.local(&created.chat_id) {
+            return if *h.shared.roster().customer_nickname == *nickname { Ok(true) } else { Err(reused()) };
+        }
+        let deps = &self.deps;
+        let stored = match deps.intermediate.locate(&created.chat_id).await.map_err(storage)? {
+            Some(_) => deps.intermediate.load(&created.chat_id).await.map_err(storage)?,
+            None => deps.final_store.load(&created.chat_id).await.map_err(storage)?,
+        };
+        let Some(t) = stored else { return Ok(false) };
+        let meta: Meta = serde_json::from_str(&t.meta).map_err(|e| ChatError::Storage(format!("stored chat metadata is unreadable: {e}")))?;
+        match meta.participants.iter().find(|p| p.id == created.participant_id) {
+            Some(p) if *p.nickname == *nickname => Ok(true),
+            _ => Err(reused()),
+        }
     }
 
     /// Where the chat with this id is served: here (live, or restored from storage now), or

@@ -248,15 +248,35 @@ impl Session {
                     self.sent.entry(member).or_default().insert(id, seq);
                 }
             }
-            Command::Join { nickname, reply } => {
+            Command::Join { nickname, client_request_id, reply } => {
+                let (id, token) = match &client_request_id {
+                    None => (auth::new_id(), auth::new_token().0),
+                    Some(request) => {
+                        let key = self.deps.cluster.secret().as_bytes();
+                        let id = auth::derive(key, &["agent", &self.shared.id, request]);
+                        let token = auth::derive(key, &["agent-token", &self.shared.id, &id, request]);
+                        (id, token)
+                    }
+                };
+                if client_request_id.is_some()
+                    && let Some(p) = self.meta.participants.iter().find(|p| *p.id == *id)
+                {
+                    // A retried join: the same answer, no one added.
+                    let answer = if p.nickname == nickname {
+                        Ok(Joined { participant_id: p.id.clone(), token })
+                    } else {
+                        Err(ChatError::RequestReused("client_request_id was used for another join".into()))
+                    };
+                    return drop(reply.send(answer));
+                }
                 if !open {
                     return drop(reply.send(Err(ChatError::Closed)));
                 }
                 if self.meta.participants.len() >= self.deps.max_participants {
                     return drop(reply.send(Err(ChatError::Full(self.deps.max_participants))));
                 }
-                let (token, token_sha256) = auth::new_token();
-                let agent = Participant { id: auth::new_id().into(), role: Role::Agent, nickname: nickname.clone(), token_sha256, present: true };
+                let token_sha256 = auth::hash(&token);
+                let agent = Participant { id: id.into(), role: Role::Agent, nickname: nickname.clone(), token_sha256, present: true };
                 let joined = Joined { participant_id: agent.id.clone(), token };
                 self.meta.participants.push(agent.clone());
                 self.state = ChatState::Active;

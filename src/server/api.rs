@@ -57,6 +57,7 @@ impl From<ChatError> for ApiError {
             ChatError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             ChatError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
             ChatError::Full(_) => (StatusCode::CONFLICT, "chat_full"),
+            ChatError::RequestReused(_) => (StatusCode::CONFLICT, "client_request_id_reused"),
             ChatError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         };
         let retry_after_ms = match &e {
@@ -343,7 +344,7 @@ async fn create_chat(app: &App, req: &Req) -> Reply {
         ));
     }
     let body = input::new_chat(req.body(), &app.limits)?;
-    let created = app.chats.create(&body.nickname, body.subject, body.user_data).await?;
+    let created = app.chats.create(&body.nickname, body.subject, body.user_data, body.client_request_id.as_deref()).await?;
     json(StatusCode::CREATED, created)
 }
 
@@ -445,8 +446,8 @@ async fn leave(chat: &ChatHandle, member: &Member) -> Reply {
 }
 
 async fn join(app: &App, chat: &ChatHandle, req: &Req) -> Reply {
-    let nickname = input::join(req.body(), &app.limits)?;
-    let joined = chat.join(&nickname).await?;
+    let join = input::join(req.body(), &app.limits)?;
+    let joined = chat.join(&join.nickname, join.client_request_id).await?;
     json(StatusCode::OK, joined)
 }
 

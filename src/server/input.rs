@@ -70,6 +70,20 @@ pub struct NewChat {
     pub nickname: String,
     pub subject: String,
     pub user_data: serde_json::Map<String, serde_json::Value>,
+    pub client_request_id: Option<String>,
+}
+
+/// A client's id for a create or join it may retry: 16 to 128 letters, digits, `-` and `_`
+/// (a random UUID fits). The same id makes a retry answer what the first request got.
+pub fn client_request_id(id: Option<String>) -> Result<Option<String>, ApiError> {
+    match id {
+        Some(id) if !(16..=128).contains(&id.len()) || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "client_request_id must have 16 to 128 letters, digits, '-' or '_' (a random UUID fits)",
+        )),
+        id => Ok(id),
+    }
 }
 
 pub fn new_chat(body: &[u8], limits: &LimitsSection) -> Result<NewChat, ApiError> {
@@ -80,13 +94,16 @@ pub fn new_chat(body: &[u8], limits: &LimitsSection) -> Result<NewChat, ApiError
         subject: String,
         #[serde(default)]
         user_data: serde_json::Map<String, serde_json::Value>,
+        #[serde(default)]
+        client_request_id: Option<String>,
     }
     let w: Wire = json(body)?;
     let nickname = nickname(&w.nickname, limits)?;
     if w.subject.chars().count() > limits.max_message_chars {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", format!("subject is longer than {} characters", limits.max_message_chars)));
     }
-    Ok(NewChat { nickname, subject: w.subject, user_data: w.user_data })
+    let client_request_id = client_request_id(w.client_request_id)?;
+    Ok(NewChat { nickname, subject: w.subject, user_data: w.user_data, client_request_id })
 }
 
 /// `POST /v1/chats/{id}/messages`.
@@ -128,14 +145,22 @@ pub fn typing(body: &[u8]) -> Result<bool, ApiError> {
 }
 
 /// `POST /v1/chats/{id}/join`: the agent's nickname ("Agent" when not given).
-pub fn join(body: &[u8], limits: &LimitsSection) -> Result<String, ApiError> {
+pub struct Join {
+    pub nickname: String,
+    pub client_request_id: Option<String>,
+}
+
+pub fn join(body: &[u8], limits: &LimitsSection) -> Result<Join, ApiError> {
     #[derive(Deserialize)]
     struct Wire {
         #[serde(default)]
         nickname: Option<String>,
+        #[serde(default)]
+        client_request_id: Option<String>,
     }
     let w: Wire = json(body)?;
-    nickname(w.nickname.as_deref().unwrap_or("Agent"), limits)
+    let nickname = nickname(w.nickname.as_deref().unwrap_or("Agent"), limits)?;
+    Ok(Join { nickname, client_request_id: client_request_id(w.client_request_id)? })
 }
 
 /// `POST /v1/chats/{id}/close` and `/stop`: the reason, if given (at most a message long).

@@ -247,3 +247,98 @@ pub async fn busy_chats_survive_kill_9(mut servers: Vec<Server>) {
     assert!(total > 2000, "messages were in flight throughout: {total}");
 }
 
+/// A create or a join whose answer was lost is retried with the same client_request_id — on
+/// the same instance, on another one, after the first one was killed with SIGKILL, or on two
+/// instances at once: every try answers the same ids and token, and nothing is opened or added
+/// twice. The id used for another nickname is refused.
+pub async fn retried_creates_and_joins_open_nothing_twice(mut servers: Vec<Server>) {
+    let c = servers.pop().unwrap();
+    let b = servers.pop().unwrap();
+    let a = servers.pop().unwrap();
+    let create = |id: &str| json!({"nickname": "Ann", "subject": "order 7", "client_request_id": id});
+    // Like a client: the same request again while the answer is "try again" (503).
+    let post = |server: &Server, path: String, token: Option<&'static str>, body: Value| {
+        let mut client = server.client();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let r = client.post(&path, token, body.clone()).await.unwrap();
+                if r.status != 503 || Instant::now() > deadline {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    let first = post(&a, "/v1/chats".into(), None, create("create-0001-aaaa-bbbb")).await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    for (server, what) in [(&a, "the same instance"), (&b, "another instance")] {
+        let again = post(server, "/v1/chats".into(), None, create("create-0001-aaaa-bbbb")).await;
+        assert_eq!((again.status, &again.body), (201, &first.body), "a retry on {what} answers the same");
+    }
+    let reused = post(&b, "/v1/chats".into(), None, json!({"nickname": "Bob", "client_request_id": "create-0001-aaaa-bbbb"})).await;
+    assert_eq!((reused.status, reused.error_code()), (409, Some("client_request_id_reused")), "{}", reused.body);
+    let malformed = post(&a, "/v1/chats".into(), None, json!({"nickname": "Ann", "client_request_id": "short"})).await;
+    assert_eq!((malformed.status, malformed.error_code()), (400, Some("invalid_field")), "{}", malformed.body);
+
+    let chat_id = first.body["chat_id"].as_str().unwrap().to_string();
+    let join = json!({"nickname": "Agent Smith", "client_request_id": "join-0001-aaaa-bbbb"});
+    let joined = post(&a, format!("/v1/chats/{chat_id}/join"), Some(AGENT), join.clone()).await;
+    assert_eq!(joined.status, 200, "{}", joined.body);
+    let again = post(&b, format!("/v1/chats/{chat_id}/join"), Some(AGENT), join).await;
+    assert_eq!((again.status, &again.body), (200, &joined.body), "a retried join answers the same");
+    let other = post(&b, format!("/v1/chats/{chat_id}/join"), Some(AGENT), json!({"nickname": "Agent Jones", "client_request_id": "join-0001-aaaa-bbbb"})).await;
+    assert_eq!((other.status, other.error_code()), (409, Some("client_request_id_reused")), "{}", other.body);
+
+    let participant = |server: &Server, answer: &Value| Participant {
+        client: server.client(),
+        chat_id: chat_id.clone(),
+        id: answer["participant_id"].as_str().unwrap().into(),
+        token: answer["token"].as_str().unwrap().into(),
+    };
+    let (mut customer, mut agent) = (participant(&a, &first.body), participant(&b, &joined.body));
+    assert_eq!(customer.send("hello", "m1").await.status, 200);
+    assert_eq!(agent.send("hi Ann", "m2").await.status, 200);
+    assert_eq!(kinds(&customer.transcript().await), ["joined", "joined", "message", "message"], "one customer and one agent joined");
+
+    // The owner dies; the retried create reaches the survivor: the same answer, the same chat.
+    a.kill9();
+    customer.moved_to(&b);
+    let after = post(&b, "/v1/chats".into(), None, create("create-0001-aaaa-bbbb")).await;
+    assert_eq!((after.status, &after.body), (201, &first.body), "a retry after kill -9 of the owner answers the same");
+    send_until_saved(&mut customer, "still here", "m3").await;
+    let t = customer.transcript().await;
+    assert_eq!(messages(&t).iter().map(|(_, text)| text.as_str()).collect::<Vec<_>>(), ["hello", "hi Ann", "still here"]);
+    assert_eq!(kinds(&t).iter().filter(|k| *k == "joined").count(), 2, "{t}");
+
+    // The same new id on two instances at once: both answer the same, and there is one chat.
+    let (on_b, on_c) = tokio::join!(
+        post(&b, "/v1/chats".into(), None, create("create-0002-aaaa-bbbb")),
+        post(&c, "/v1/chats".into(), None, create("create-0002-aaaa-bbbb"))
+    );
+    assert_eq!((on_b.status, on_c.status), (201, 201), "{} / {}", on_b.body, on_c.body);
+    assert_eq!(on_b.body, on_c.body);
+    let chat_id = on_b.body["chat_id"].as_str().unwrap().to_string();
+    let (mut via_b, mut via_c) = (participant(&b, &on_b.body), participant(&c, &on_c.body));
+    via_b.chat_id = chat_id.clone();
+    via_c.chat_id = chat_id;
+    send_until_saved(&mut via_b, "one", "x1").await;
+    send_until_saved(&mut via_c, "two", "x2").await;
+    let (tb, tc) = (via_b.transcript().await, via_c.transcript().await);
+    assert_eq!(tb, tc, "both instances serve the one chat");
+    assert_eq!(kinds(&tb), ["joined", "message", "message"], "{tb}");
+}
+
+/// Sends like a client does: again with the same client_msg_id while the chat moves (503).
+pub async fn send_until_saved(p: &mut Participant, text: &str, client_msg_id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = p.send(text, client_msg_id).await;
+        if r.status == 200 {
+            return;
+        }
+        assert!(r.status == 503 && Instant::now() < deadline, "{text}: {} {}", r.status, r.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

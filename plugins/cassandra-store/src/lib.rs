@@ -64,15 +64,35 @@ impl Guest for CassandraStore {
     }
 
     fn save(deltas: Vec<ChatDelta>) -> Vec<Result<(), StoreError>> {
-        let mut creations = Vec::new();
+        // First saves create the chat row, once. A creation that finds the row made by another
+        // owner (the same chat id created on two instances at once: a create retried with its
+        // client_request_id) writes nothing: the chat is the other owner's.
+        let first_saves: Vec<usize> = (0..deltas.len())
+            .filter(|&i| deltas[i].meta.is_some() && deltas[i].epoch == 1 && deltas[i].events.first().is_none_or(|e| e.seq == 1))
+            .collect();
+        let mut outcomes: Vec<Result<(), StoreError>> = deltas.iter().map(|_| Ok(())).collect();
+        if !first_saves.is_empty() {
+            let rows = first_saves.iter().map(|&i| vec![text(&deltas[i].chat_id), text(&deltas[i].owner)]).collect::<Vec<_>>();
+            for (&i, result) in first_saves.iter().zip(cql::query(&q(CREATE_CHAT), &rows)) {
+                outcomes[i] = match result {
+                    Err(e) => Err(store_error(e)),
+                    Ok(rows) if applied(&rows) => Ok(()),
+                    // Not applied: ours already (a resend of this save), or another owner's.
+                    Ok(_) => match one(&q("SELECT owner FROM parley.chats WHERE chat_id = ?"), vec![text(&deltas[i].chat_id)]) {
+                        Ok(rows) if rows.first().is_some_and(|r| string(&r[0]) == deltas[i].owner) => Ok(()),
+                        Ok(_) => Err(StoreError::StaleEpoch(format!("chat {} was created by another instance", deltas[i].chat_id))),
+                        Err(e) => Err(store_error(e)),
+                    },
+                };
+            }
+        }
         let mut metas = Vec::new();
         let mut events = Vec::new();
-        for d in &deltas {
-            let first_save = d.epoch == 1 && d.events.first().is_none_or(|e| e.seq == 1);
+        for (d, outcome) in deltas.iter().zip(&outcomes) {
+            if outcome.is_err() {
+                continue;
+            }
             if let Some(meta) = &d.meta {
-                if first_save {
-                    creations.push(vec![text(&d.chat_id), text(&d.owner)]);
-                }
                 metas.push(vec![text(state_name(d.state)), text(meta), text(&d.chat_id)]);
             }
             for e in &d.events {
@@ -81,17 +101,11 @@ impl Guest for CassandraStore {
                 events.push(row);
             }
         }
-        let result = (|| {
-            if !creations.is_empty() {
-                cql::query(&q(CREATE_CHAT), &creations).into_iter().collect::<Result<Vec<_>, _>>()?;
-            }
-            cql::write(&[Statement { cql: q(UPDATE_META), rows: metas }, Statement { cql: q(INSERT_EVENT), rows: events }])
-        })();
-        match result {
-            Ok(()) => deltas.iter().map(|_| Ok(())).collect(),
+        match cql::write(&[Statement { cql: q(UPDATE_META), rows: metas }, Statement { cql: q(INSERT_EVENT), rows: events }]) {
+            Ok(()) => outcomes,
             Err(e) => {
                 let e = store_error(e);
-                deltas.iter().map(|_| Err(e.clone())).collect()
+                outcomes.into_iter().map(|o| o.and(Err(e.clone()))).collect()
             }
         }
     }

@@ -41,17 +41,18 @@ const CLAIM: &str = "UPDATE chats SET epoch = epoch + 1, owner = ?2
     WHERE chat_id = ?1 AND epoch = ?3 AND (owner = ?2 OR NOT EXISTS
         (SELECT 1 FROM members WHERE instance_id = chats.owner AND lease_expires_ms > ?4))";
 
-/// Upserts a chat row only while the writer's epoch is the chat's epoch: 0 rows changed
-/// means another owner has claimed the chat since (the write is fenced off).
+/// Upserts a chat row only while the writer holds the chat's epoch: 0 rows changed means
+/// another owner has claimed the chat since, or created it first (the same chat id created on
+/// two instances at once: a create retried with its client_request_id) — the write is fenced off.
 const UPSERT_CHAT: &str = "INSERT INTO chats (chat_id, epoch, owner, state, meta)
     VALUES (?1, ?2, ?3, ?4, ?5)
     ON CONFLICT (chat_id) DO UPDATE SET state = excluded.state, meta = excluded.meta
-    WHERE chats.epoch = excluded.epoch";
+    WHERE chats.epoch = excluded.epoch AND chats.owner = excluded.owner";
 
 const INSERT_EVENT: &str = "INSERT OR REPLACE INTO events
     (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
-    WHERE EXISTS (SELECT 1 FROM chats WHERE chat_id = ?1 AND epoch = ?9)";
+    WHERE EXISTS (SELECT 1 FROM chats WHERE chat_id = ?1 AND epoch = ?9 AND owner = ?10)";
 
 const EVENT_COLUMNS: &str = "seq, kind, participant_id, nickname, text, client_msg_id, at_ms";
 
@@ -89,6 +90,7 @@ pub fn save(deltas: &[ChatDelta]) -> Vec<Result<(), StoreError>> {
         for event in &delta.events {
             let mut row = event_row(&delta.chat_id, event);
             row.push(Value::Integer(delta.epoch as i64));
+            row.push(Value::Text(delta.owner.clone()));
             events.push(row);
         }
     }
