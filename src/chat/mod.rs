@@ -407,8 +407,13 @@ impl Chats {
             return if *h.shared.roster().customer_nickname == *nickname { Ok(true) } else { Err(reused()) };
         }
         let deps = &self.deps;
-        let stored = match deps.intermediate.locate(&created.chat_id).await.map_err(storage)? {
+        let open = match deps.intermediate.locate(&created.chat_id).await.map_err(storage)? {
             Some(_) => deps.intermediate.load(&created.chat_id).await.map_err(storage)?,
+            None => None,
+        };
+        // Not open (or closed and purged since the lookup): closed, or never created.
+        let stored = match open {
+            Some(t) => Some(t),
             None => deps.final_store.load(&created.chat_id).await.map_err(storage)?,
         };
         let Some(t) = stored else { return Ok(false) };
