@@ -407,12 +407,8 @@ impl Chats {
             return if *h.shared.roster().customer_nickname == *nickname { Ok(true) } else { Err(reused()) };
         }
         let deps = &self.deps;
-        let open = match deps.intermediate.locate(&created.chat_id).await.map_err(storage)? {
-            Some(_) => deps.intermediate.load(&created.chat_id).await.map_err(storage)?,
-            None => None,
-        };
-        // Not open (or closed and purged since the lookup): closed, or never created.
-        let stored = match open {
+        // Open (here or elsewhere), else closed, else never created.
+        let stored = match deps.intermediate.load(&created.chat_id).await.map_err(storage)? {
             Some(t) => Some(t),
             None => deps.final_store.load(&created.chat_id).await.map_err(storage)?,
         };
