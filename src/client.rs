@@ -205,7 +205,38 @@ impl FailoverClient {
         self.call(Method::GET, path, token, None).await
     }
 
+    /// A create (`POST /v1/chats`) or join (`POST /v1/chats/{id}/join`) gets a
+    /// `client_request_id` unless the body has one, so a retry on another instance after a
+    /// lost answer opens no second chat and adds no second agent.
     pub async fn post(&mut self, path: &str, token: Option<&str>, body: Value) -> Result<Reply, ClientError> {
-        self.call(Method::POST, path, token, Some(body)).await
+        self.call(Method::POST, path, token, Some(with_request_id(path, body))).await
+    }
+}
+
+fn with_request_id(path: &str, mut body: Value) -> Value {
+    let opens = path == "/v1/chats" || (path.starts_with("/v1/chats/") && path.ends_with("/join"));
+    if let Some(fields) = body.as_object_mut().filter(|_| opens) {
+        fields.entry("client_request_id").or_insert_with(|| Value::String(hex::encode(rand::random::<[u8; 16]>())));
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_request_id;
+    use serde_json::json;
+
+    #[test]
+    fn creates_and_joins_get_a_request_id_unless_they_have_one() {
+        let created = with_request_id("/v1/chats", json!({"nickname": "Ann"}));
+        let id = created["client_request_id"].as_str().expect("an id on a create");
+        assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        let joined = with_request_id("/v1/chats/c1/join", json!({"nickname": "Bob"}));
+        assert!(joined["client_request_id"].is_string());
+        assert_ne!(joined["client_request_id"], created["client_request_id"]);
+        let own = with_request_id("/v1/chats", json!({"nickname": "Ann", "client_request_id": "mine-0123456789ab"}));
+        assert_eq!(own["client_request_id"], "mine-0123456789ab");
+        let message = with_request_id("/v1/chats/c1/messages", json!({"text": "hi"}));
+        assert!(message.get("client_request_id").is_none());
     }
 }
