@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use serde_json::{Value, json};
 use std::path::Path;
 use std::time::Duration;
 
@@ -218,6 +219,67 @@ async fn a_slow_store_delays_acknowledgements_and_loses_nothing() {
     let kpi = server.kpi().await;
     assert_eq!(kpi["save_failures"], 0, "{kpi}");
     assert_eq!(kpi["sessions_current"], 6, "no chat was closed: {kpi}");
+}
+
+/// A create or join retried with its client_request_id while the first one is still being
+/// saved (here a 200 ms save: the faulty store is slow for every save carrying this chat's
+/// metadata) is answered only once that save is done: whoever got the answer to the retry and
+/// saw the instance die right after still has a seat in the chat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_creates_and_joins_are_answered_once_saved() {
+    let data = Scratch::new("retried-open");
+    let config = data.deployment(&format!(
+        "[plugins.intermediate]\nfile = \"{}/faulty_store.wasm\"\ndeadline_ms = 1000\n",
+        parley::plugins::builtin::PLUGIN_DIR
+    ));
+    let server = Server::start(data.path(), Some(&config));
+
+    let create = json!({"nickname": "Ann", "subject": "!slow", "client_request_id": "retried-create-0123456789"});
+    let (first, created) = sent_twice(&server, "/v1/chats", None, create).await;
+    server.kill9();
+    let server = Server::start(data.path(), Some(&config));
+    let chat_id = created["chat_id"].as_str().unwrap().to_string();
+    let mut customer = Participant { client: server.client(), chat_id: chat_id.clone(), id: created["participant_id"].as_str().unwrap().into(), token: created["token"].as_str().unwrap().into() };
+    let transcript = seat(&mut customer).await;
+    assert_eq!(kinds(&transcript), ["joined"], "{transcript}");
+    // The first create's answer (if it made it out before kill -9) is the same.
+    if let Ok(Ok(first)) = first.await {
+        assert_eq!(first.body, created, "the retry gets the first create's answer");
+    }
+
+    let join = json!({"nickname": "Bob", "client_request_id": "retried-join-0123456789"});
+    let (first, joined) = sent_twice(&server, &format!("/v1/chats/{chat_id}/join"), Some(AGENT), join).await;
+    server.kill9();
+    let server = Server::start(data.path(), Some(&config));
+    let mut agent = Participant { client: server.client(), chat_id, id: joined["participant_id"].as_str().unwrap().into(), token: joined["token"].as_str().unwrap().into() };
+    let transcript = seat(&mut agent).await;
+    let agent_joins = transcript["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "joined" && e["participant_id"] == agent.id.as_str()).count();
+    assert_eq!(agent_joins, 1, "the agent's join survived kill -9: {transcript}");
+    if let Ok(Ok(first)) = first.await {
+        assert_eq!(first.body, joined, "the retry gets the first join's answer");
+    }
+    customer.moved_to(&server);
+    assert_eq!(agent.send("still here", "a1").await.status, 200);
+    let texts: Vec<String> = messages(&customer.transcript().await).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, ["still here"]);
+}
+
+/// Sends a request, and the same again 40 ms later while the first is still being saved;
+/// returns the first (still running) and the retry's answer.
+async fn sent_twice(server: &Server, path: &str, token: Option<&str>, body: Value) -> (tokio::task::JoinHandle<Result<parley::client::Reply, parley::client::ClientError>>, Value) {
+    let (mut first_client, first_path, first_body, first_token) = (server.client(), path.to_string(), body.clone(), token.map(str::to_string));
+    let first = tokio::spawn(async move { first_client.post(&first_path, first_token.as_deref(), first_body).await });
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let retried = server.client().post(path, token, body).await.unwrap().ok().unwrap();
+    (first, retried)
+}
+
+/// The transcript as this participant sees it; fails if its token lost its seat.
+async fn seat(p: &mut Participant) -> Value {
+    let path = format!("/v1/chats/{}/transcript", p.chat_id);
+    let r = p.client.get(&path, Some(&p.token)).await.unwrap();
+    assert_eq!(r.status, 200, "the token a retried request was answered with was lost with the instance: {:?}", r.body);
+    r.body
 }
 
 /// Two instances of a cluster on one host share the SQLite file; one of them is kept busy all

@@ -214,6 +214,8 @@ enum Command {
     Reconnect { member: Arc<str> },
     Leave { member: Arc<str>, reply: oneshot::Sender<Result<u64, ChatError>> },
     Close { reason: String, reply: oneshot::Sender<Result<u64, ChatError>> },
+    /// Answers once the chat's opening (the customer's `joined`) is saved.
+    Opened { reply: oneshot::Sender<Result<(), ChatError>> },
     /// This instance lost its lease: drop the chat without writing anything more.
     Abandon,
 }
@@ -263,6 +265,12 @@ impl ChatHandle {
     /// retried join answers the same and adds no one.
     pub async fn join(&self, nickname: &str, client_request_id: Option<String>) -> Result<Joined, ChatError> {
         self.ask(|reply| Command::Join { nickname: nickname.into(), client_request_id, reply }).await
+    }
+
+    /// Resolves once the chat's opening is saved: a retried create is answered no sooner
+    /// than the create it repeats.
+    pub async fn opened(&self) -> Result<(), ChatError> {
+        self.ask(|reply| Command::Opened { reply }).await
     }
 
     pub async fn leave(&self, member: &Member) -> Result<u64, ChatError> {
@@ -377,17 +385,24 @@ impl Chats {
         let customer = Participant { id: created.participant_id.clone(), role: Role::Customer, nickname: nickname.into(), token_sha256, present: true };
         let saved = {
             let mut map = self.map.write().unwrap();
-            if map.contains_key(&created.chat_id) {
+            match map.get(&created.chat_id) {
                 // The same request, retried while the first is still being saved.
-                None
-            } else {
-                let meta = Meta { subject, user_data, created_ms: event::now_ms(), participants: vec![customer] };
-                let (handle, saved) = session::open(self.deps.clone(), self.map.clone(), created.chat_id.clone(), meta);
-                map.insert(created.chat_id.clone(), handle);
-                Some(saved)
+                Some(first) => Err(first.clone()),
+                None => {
+                    let meta = Meta { subject, user_data, created_ms: event::now_ms(), participants: vec![customer] };
+                    let (handle, saved) = session::open(self.deps.clone(), self.map.clone(), created.chat_id.clone(), meta);
+                    map.insert(created.chat_id.clone(), handle);
+                    Ok(saved)
+                }
             }
         };
-        let Some(saved) = saved else { return Ok(created) };
+        let saved = match saved {
+            Ok(saved) => saved,
+            Err(first) if *first.shared.roster().customer_nickname != *nickname => {
+                return Err(ChatError::RequestReused("client_request_id was used to open another chat".into()));
+            }
+            Err(first) => return first.opened().await.map(|()| created),
+        };
         match saved.await.unwrap_or(Err(ChatError::Closed)) {
             Ok(()) => Ok(created),
             // Created on another instance first, from the same request retried there.
@@ -404,7 +419,13 @@ impl Chats {
     async fn created_before(&self, created: &Created, nickname: &str) -> Result<bool, ChatError> {
         let reused = || ChatError::RequestReused("client_request_id was used to open another chat".into());
         if let Some(h) = self.local(&created.chat_id) {
-            return if *h.shared.roster().customer_nickname == *nickname { Ok(true) } else { Err(reused()) };
+            if *h.shared.roster().customer_nickname != *nickname {
+                return Err(reused());
+            }
+            if h.opened().await.is_ok() {
+                return Ok(true);
+            }
+            // Its task ended or the chat moved meanwhile: the store knows whether it was saved.
         }
         let deps = &self.deps;
         // Open (here or elsewhere), else closed, else never created.

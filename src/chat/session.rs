@@ -226,6 +226,7 @@ impl Session {
             return match command {
                 Command::Post { reply, .. } | Command::Leave { reply, .. } | Command::Close { reply, .. } => drop(reply.send(Err(ChatError::Moved))),
                 Command::Join { reply, .. } => drop(reply.send(Err(ChatError::Moved))),
+                Command::Opened { reply } => drop(reply.send(Err(ChatError::Moved))),
                 Command::Reconnect { .. } | Command::Abandon => {}
             };
         }
@@ -248,6 +249,13 @@ impl Session {
                     self.sent.entry(member).or_default().insert(id, seq);
                 }
             }
+            Command::Opened { reply } => {
+                let customer = self.meta.participants.iter().find(|p| p.role == Role::Customer).map(|p| p.id.clone());
+                match self.unsaved.iter_mut().find(|u| u.event.kind == Kind::Joined && Some(&u.event.participant_id) == customer.as_ref()) {
+                    Some(pending) => pending.acks.push(Ack::Created(reply)),
+                    None => drop(reply.send(Ok(()))),
+                }
+            }
             Command::Join { nickname, client_request_id, reply } => {
                 let (id, token) = match &client_request_id {
                     None => (auth::new_id(), auth::new_token().0),
@@ -261,13 +269,16 @@ impl Session {
                 if client_request_id.is_some()
                     && let Some(p) = self.meta.participants.iter().find(|p| *p.id == *id)
                 {
-                    // A retried join: the same answer, no one added.
-                    let answer = if p.nickname == nickname {
-                        Ok(Joined { participant_id: p.id.clone(), token })
-                    } else {
-                        Err(ChatError::RequestReused("client_request_id was used for another join".into()))
+                    // A retried join: the same answer, no one added — once the first join is
+                    // saved, as a resent message is acknowledged only once it is saved.
+                    if p.nickname != nickname {
+                        return drop(reply.send(Err(ChatError::RequestReused("client_request_id was used for another join".into()))));
+                    }
+                    let joined = Joined { participant_id: p.id.clone(), token };
+                    return match self.unsaved.iter_mut().find(|u| u.event.kind == Kind::Joined && u.event.participant_id == joined.participant_id) {
+                        Some(pending) => pending.acks.push(Ack::Joined(reply, joined)),
+                        None => drop(reply.send(Ok(joined))),
                     };
-                    return drop(reply.send(answer));
                 }
                 if !open {
                     return drop(reply.send(Err(ChatError::Closed)));

@@ -2,7 +2,8 @@
 //! texts in a saved message, so tests can prove the sandbox contains a misbehaving plugin.
 //!   "!trap"  panics (a trap)         "!loop"  spins forever (cut off by the epoch deadline)
 //!   "!oom"   allocates without bound "!fail"  returns `unavailable` for that chat only
-//!   "!slow"  takes 200 ms before saving (a slow disk or database: the whole batch waits)
+//!   "!slow"  takes 200 ms before saving (a slow disk or database: the whole batch waits);
+//!            so does every save carrying the metadata of a chat whose subject is "!slow"
 
 wit_bindgen::generate!({ world: "transcript-store", path: "../../wit" });
 
@@ -40,7 +41,7 @@ impl Guest for FaultyStore {
                 std::hint::black_box(&hoard);
             }
         }
-        if deltas.iter().any(|d| marker(d, "!slow")) {
+        if deltas.iter().any(|d| marker(d, "!slow") || d.meta.as_deref().is_some_and(|m| m.contains(r#""subject":"!slow""#))) {
             let until = parley::plugin::clock::monotonic_now_ns() + 200_000_000;
             while parley::plugin::clock::monotonic_now_ns() < until {
                 std::hint::spin_loop();
