@@ -175,10 +175,7 @@ async fn a_full_disk_refuses_messages_until_space_is_freed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_store_delays_acknowledgements_and_loses_nothing() {
     let data = Scratch::new("slow-store");
-    let config = data.deployment(&format!(
-        "[plugins.intermediate]\nfile = \"{}/faulty_store.wasm\"\ndeadline_ms = 1000\n",
-        parley::plugins::builtin::PLUGIN_DIR
-    ));
+    let config = faulty_store(&data);
     let server = Server::start(data.path(), Some(&config));
     let (mut slow, _) = open_chat(&server, "Sol").await;
     let mut others = Vec::new();
@@ -228,10 +225,7 @@ async fn a_slow_store_delays_acknowledgements_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_creates_and_joins_are_answered_once_saved() {
     let data = Scratch::new("retried-open");
-    let config = data.deployment(&format!(
-        "[plugins.intermediate]\nfile = \"{}/faulty_store.wasm\"\ndeadline_ms = 1000\n",
-        parley::plugins::builtin::PLUGIN_DIR
-    ));
+    let config = faulty_store(&data);
     let server = Server::start(data.path(), Some(&config));
 
     let create = json!({"nickname": "Ann", "subject": "!slow", "client_request_id": "retried-create-0123456789"});
@@ -272,6 +266,12 @@ async fn sent_twice(server: &Server, path: &str, token: Option<&str>, body: Valu
     tokio::time::sleep(Duration::from_millis(40)).await;
     let retried = server.client().post(path, token, body).await.unwrap().ok().unwrap();
     (first, retried)
+}
+
+/// A deployment whose intermediate store is the faulty test store (faults by marker texts),
+/// with a deadline well above its 200 ms "!slow".
+fn faulty_store(data: &Scratch) -> std::path::PathBuf {
+    data.deployment(&format!("[plugins.intermediate]\nfile = \"{}/faulty_store.wasm\"\ndeadline_ms = 1000\n", parley::plugins::builtin::PLUGIN_DIR))
 }
 
 /// The transcript as this participant sees it; fails if its token lost its seat.
