@@ -282,6 +282,15 @@ impl ChatHandle {
     }
 }
 
+/// A keyed create that finds its chat here: the same request only if for the same customer.
+fn same_customer(chat: &ChatHandle, nickname: &str) -> Result<(), ChatError> {
+    if *chat.shared.roster().customer_nickname == *nickname { Ok(()) } else { Err(reused()) }
+}
+
+fn reused() -> ChatError {
+    ChatError::RequestReused("client_request_id was used to open another chat".into())
+}
+
 /// What every chat task needs from its instance.
 pub struct Deps {
     pub instance_id: Arc<str>,
@@ -398,10 +407,10 @@ impl Chats {
         };
         let saved = match saved {
             Ok(saved) => saved,
-            Err(first) if *first.shared.roster().customer_nickname != *nickname => {
-                return Err(ChatError::RequestReused("client_request_id was used to open another chat".into()));
+            Err(first) => {
+                same_customer(&first, nickname)?;
+                return first.opened().await.map(|()| created);
             }
-            Err(first) => return first.opened().await.map(|()| created),
         };
         match saved.await.unwrap_or(Err(ChatError::Closed)) {
             Ok(()) => Ok(created),
@@ -417,11 +426,8 @@ impl Chats {
     /// Whether the chat a create with a client_request_id derives exists already (open here or
     /// elsewhere, or closed). The same id used for another customer is refused.
     async fn created_before(&self, created: &Created, nickname: &str) -> Result<bool, ChatError> {
-        let reused = || ChatError::RequestReused("client_request_id was used to open another chat".into());
         if let Some(h) = self.local(&created.chat_id) {
-            if *h.shared.roster().customer_nickname != *nickname {
-                return Err(reused());
-            }
+            same_customer(&h, nickname)?;
             if h.opened().await.is_ok() {
                 return Ok(true);
             }
