@@ -531,6 +531,12 @@ impl<W: World> Instance<W> {
         Self { runtime: self.runtime.clone(), plugin: self.plugin.clone(), database: self.database.clone(), live: None }
     }
 
+    /// Time this instance's SQL import spent in write transactions (zero before the first call
+    /// and without the sql grant).
+    pub fn sql_time(&self) -> crate::storage::sqlite::SqlTime {
+        self.live.as_ref().and_then(|(store, _)| store.data().sql.as_ref()).map(|db| db.spent).unwrap_or_default()
+    }
+
     pub async fn warm_up(&mut self) -> Result<(), PluginFault> {
         if self.live.is_none() {
             self.live = Some(self.instantiate().await?);

@@ -21,7 +21,7 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, ToSql};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub struct Database {
     /// For reads.
@@ -31,6 +31,17 @@ pub struct Database {
     synchronous: Synchronous,
     busy_timeout: Duration,
     checkpointed: bool,
+    /// Time spent in `transaction` so far, for `parley bench plugins`: what of a store call
+    /// is SQLite and what is the plugin around it.
+    pub spent: SqlTime,
+}
+
+/// Cumulative time in write transactions: running their statements, and committing (with
+/// synchronous = full, the WAL fsync).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SqlTime {
+    pub statements: Duration,
+    pub commit: Duration,
 }
 
 /// The embedded database file of an instance, and what its connections share.
@@ -216,7 +227,7 @@ impl Database {
 
     fn connect(path: &Path, synchronous: Synchronous, busy_timeout: Duration, checkpointed: bool, gate: Arc<WriteGate>) -> Result<Self, rusqlite::Error> {
         let conn = plugin_connection(path, synchronous, busy_timeout, checkpointed)?;
-        Ok(Self { conn, gate, path: path.to_path_buf(), synchronous, busy_timeout, checkpointed })
+        Ok(Self { conn, gate, path: path.to_path_buf(), synchronous, busy_timeout, checkpointed, spent: SqlTime::default() })
     }
 
     pub fn transaction(&mut self, statements: &[Statement]) -> Result<Vec<Vec<u64>>, SqlError> {
@@ -226,6 +237,7 @@ impl Database {
             Some(conn) => conn,
             none => none.insert(plugin_connection(&self.path, self.synchronous, self.busy_timeout, self.checkpointed).map_err(sql_error)?),
         };
+        let started = Instant::now();
         let tx = conn.transaction().map_err(sql_error)?;
         let mut changed = Vec::with_capacity(statements.len());
         for statement in statements {
@@ -239,7 +251,10 @@ impl Database {
             }
             changed.push(counts);
         }
+        let committing = Instant::now();
+        self.spent.statements += committing - started;
         tx.commit().map_err(sql_error)?;
+        self.spent.commit += committing.elapsed();
         Ok(changed)
     }
 
