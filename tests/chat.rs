@@ -223,3 +223,72 @@ async fn a_wave_of_chats_restores_at_once_after_kill_9() {
     let kpi = server.client().get("/v1/kpi", None).await.unwrap().ok().unwrap();
     assert_eq!(kpi["session_restored"], 30);
 }
+
+/// One HTTP/2 request on a shared connection: (status, JSON body).
+async fn h2(sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    use http_body_util::BodyExt;
+    let mut req = hyper::Request::builder().method(method).uri(format!("http://parley{path}"));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let body = body.map_or_else(bytes::Bytes::new, |b| bytes::Bytes::from(b.to_string()));
+    let req = req.header("content-type", "application/json").body(http_body_util::Full::new(body)).unwrap();
+    sender.ready().await.expect("the HTTP/2 connection is open");
+    let response = sender.send_request(req).await.expect("an HTTP/2 answer");
+    assert_eq!(response.version(), hyper::Version::HTTP_2);
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_http2_connection_carries_a_whole_chat_with_long_polls_open() {
+    let data = Scratch::new("http2");
+    let server = Server::start(data.path(), None);
+    // Prior knowledge (no upgrade), as a load balancer speaks HTTP/2 to its backends.
+    let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)).await.expect("an HTTP/2 handshake");
+    tokio::spawn(conn);
+    let mut s = sender.clone();
+
+    let (status, created) = h2(&mut s, "POST", "/v1/chats", None, Some(json!({"nickname": "Ann"}))).await;
+    assert_eq!(status, 201, "{created}");
+    let chat_id = created["chat_id"].as_str().unwrap().to_string();
+    let customer = created["token"].as_str().unwrap().to_string();
+    let (status, joined) = h2(&mut s, "POST", &format!("/v1/chats/{chat_id}/join"), Some(AGENT), Some(json!({"nickname": "Bo"}))).await;
+    assert_eq!(status, 200, "{joined}");
+    let agent = joined["token"].as_str().unwrap().to_string();
+    let after = h2(&mut s, "GET", &format!("/v1/chats/{chat_id}/transcript"), Some(&customer), None).await.1["events"].as_array().unwrap().len() as u64;
+
+    // More long polls than a browser opens HTTP/1.1 connections to one origin (six), all on
+    // this one connection, then messages both ways on it while they wait.
+    let polls: Vec<_> = (0..8)
+        .map(|i| {
+            let (mut s, token, path) = (sender.clone(), if i % 2 == 0 { customer.clone() } else { agent.clone() }, format!("/v1/chats/{chat_id}/events?after={after}&wait_ms=10000"));
+            tokio::spawn(async move { h2(&mut s, "GET", &path, Some(&token), None).await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, acked) = h2(&mut s, "POST", &format!("/v1/chats/{chat_id}/messages"), Some(&customer), Some(json!({"text": "hello over h2", "client_msg_id": "h1"}))).await;
+    assert_eq!(status, 200, "{acked}");
+    let seq = acked["seq"].as_u64().unwrap();
+    for poll in polls {
+        let (status, events) = poll.await.unwrap();
+        assert_eq!(status, 200, "{events}");
+        assert_eq!(messages(&events), vec![(seq, "hello over h2".to_string())]);
+    }
+    let (status, answer) = h2(&mut s, "POST", &format!("/v1/chats/{chat_id}/messages"), Some(&agent), Some(json!({"text": "hi back", "client_msg_id": "a1"}))).await;
+    assert_eq!(status, 200, "{answer}");
+    // Bad input gets the same 4xx JSON errors as over HTTP/1.1.
+    let (status, error) = h2(&mut s, "POST", &format!("/v1/chats/{chat_id}/messages"), Some(&customer), Some(json!({"text": 5}))).await;
+    assert_eq!(status, 400, "{error}");
+    assert!(error["error"]["code"].is_string(), "{error}");
+    let (status, _) = h2(&mut s, "GET", &format!("/v1/chats/{chat_id}/transcript"), Some("not-a-token"), None).await;
+    assert_eq!(status, 403);
+
+    let (_, transcript) = h2(&mut s, "GET", &format!("/v1/chats/{chat_id}/transcript"), Some(&agent), None).await;
+    assert_eq!(messages(&transcript), vec![(seq, "hello over h2".to_string()), (seq + 1, "hi back".to_string())]);
+    // The same instance still speaks HTTP/1.1 to everyone else.
+    let mut c = server.client();
+    assert_eq!(c.get("/healthz", None).await.unwrap().status, 200);
+}

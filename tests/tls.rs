@@ -1,4 +1,4 @@
-//! TLS on the listener (rustls): clients reach a TLS cluster with the cluster's CA, requests
+//! TLS on the listener (rustls, HTTP/2 or HTTP/1.1 by ALPN): clients reach a TLS cluster with the cluster's CA, requests
 //! passed on between instances go over TLS too (and survive a kill -9 of the owner), a plain
 //! HTTP client gets nothing, and a bad TLS setting refuses the start naming the file.
 //! Certificates are made by the openssl command line for each run.
@@ -62,6 +62,13 @@ async fn a_tls_cluster_serves_passes_on_and_fails_over_over_tls() {
 
     let (status, _, _) = curl(&ca, "GET", &format!("{url_a}/healthz"), None, None);
     assert_eq!(status, 200);
+    // ALPN: HTTP/2 for clients that offer it (browsers, curl), HTTP/1.1 for the others.
+    let version = |flag: &str| {
+        let out = Command::new("curl").args(["-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_version}", flag, "--cacert"]).arg(&ca).arg(format!("{url_a}/healthz")).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(version("--http2"), "2");
+    assert_eq!(version("--http1.1"), "1.1");
     let (status, instance, created) = curl(&ca, "POST", &format!("{url_a}/v1/chats"), None, Some(r#"{"nickname":"Ann"}"#));
     assert_eq!((status, instance.as_str()), (201, a.id.as_str()), "{created}");
     let chat_id = created["chat_id"].as_str().unwrap();

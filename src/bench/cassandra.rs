@@ -64,6 +64,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 text_bytes: 40,
                 agent_token: None,
                 rate: 0,
+                http2: 0,
                 synchronous: "full".into(),
                 config: deployment,
             };

@@ -43,6 +43,11 @@ pub struct Options {
     /// SQLite synchronous mode of the instance the bench starts: full or normal.
     #[arg(long, default_value = "full")]
     pub synchronous: String,
+    /// Send the messages over HTTP/2 (prior knowledge, as a load balancer in front of Parley
+    /// would), the chats sharing this many connections; 0 (default): HTTP/1.1, a connection
+    /// per chat.
+    #[arg(long, default_value_t = 0)]
+    pub http2: usize,
     /// Deployment file for the instance the bench starts (e.g. one with a [cassandra]
     /// section: its keyspace is created first). Overrides --synchronous.
     #[arg(long)]
@@ -78,18 +83,27 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         }
     };
     let offered = if o.rate > 0 { format!("{} msg/s offered", o.rate) } else { "closed loop".to_string() };
+    let transport = match o.http2 {
+        0 => "HTTP/1.1, a connection per chat".to_string(),
+        n => format!("HTTP/2 on {n} connection(s)"),
+    };
     println!(
-        "parley bench: {} chats, {offered}, {} s against {target} (sqlite synchronous={})",
+        "parley bench: {} chats, {offered}, {transport}, {} s against {target} (sqlite synchronous={})",
         o.chats,
         o.seconds,
         if o.target.is_some() || o.config.is_some() { "as configured" } else { &o.synchronous }
     );
 
     // Open the chats, an agent in each.
+    let mut shared = Vec::new();
+    for _ in 0..o.http2 {
+        shared.push(Sender::connect_http2(&target_authority(&target)).await?);
+    }
     let mut setup = tokio::task::JoinSet::new();
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
     for i in 0..o.chats {
         let (target, agent_token, gate) = (target.clone(), agent_token.clone(), gate.clone());
+        let h2 = (!shared.is_empty()).then(|| shared[i % shared.len()].clone());
         setup.spawn(async move {
             let _permit = gate.acquire().await;
             let mut c = Client::new(&target);
@@ -97,7 +111,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             let chat_id = created["chat_id"].as_str().unwrap_or_default().to_string();
             let joined = c.post(&format!("/v1/chats/{chat_id}/join"), Some(&agent_token), json!({"nickname": format!("agent{i}")})).await?.ok()?;
             // Connected now, so the measured window does not include 1,000 simultaneous connects.
-            let sender = Sender::connect(c.authority()).await?;
+            let sender = match h2 {
+                Some(h2) => Sender::Http2(h2),
+                None => Sender::connect(c.authority()).await?,
+            };
             Ok::<_, anyhow::Error>((c, sender, chat_id, created["token"].as_str().unwrap_or_default().to_string(), joined["token"].as_str().unwrap_or_default().to_string()))
         });
     }
@@ -137,13 +154,12 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                     }
                     None => Instant::now(),
                 };
-                message_request(&mut request, &authority, &chat_id, token, &text, n);
-                match conn.exchange(request.as_bytes()).await {
+                match conn.send_message(&mut request, &authority, &chat_id, token, &text, n).await {
                     Ok(200) => latencies_us.push(sent.elapsed().as_micros() as u32),
                     Ok(_) => errors += 1,
                     Err(_) => {
                         errors += 1;
-                        match Sender::connect(&authority).await {
+                        match conn.reconnect(&authority).await {
                             Ok(c) => conn = c,
                             Err(_) => break,
                         }
@@ -303,41 +319,89 @@ fn message_request(out: &mut String, authority: &str, chat_id: &str, token: &str
     );
 }
 
-/// The load generator's sending side: one keep-alive HTTP/1.1 connection that writes a
-/// prepared request and reads just the status and the body length of the answer. A full
-/// client (`crate::client`) costs the generator about as much CPU as the server spends, on
-/// the same two cores; like wrk, the generator should measure the server, not itself.
-struct Sender {
-    stream: tokio::net::TcpStream,
-    buf: Vec<u8>,
+/// The load generator's sending side. HTTP/1.1: one keep-alive connection per chat that writes
+/// a prepared request and reads just the status and the body length of the answer (a full
+/// client, `crate::client`, costs the generator about as much CPU as the server spends, on
+/// the same two cores; like wrk, the generator should measure the server, not itself).
+/// HTTP/2: a hyper client connection shared by many chats.
+enum Sender {
+    Http1 { stream: tokio::net::TcpStream, buf: Vec<u8> },
+    Http2(Http2Sender),
+}
+
+type Http2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+fn target_authority(target: &str) -> String {
+    target.trim_start_matches("http://").trim_end_matches('/').to_string()
 }
 
 impl Sender {
     async fn connect(authority: &str) -> std::io::Result<Self> {
         let stream = tokio::net::TcpStream::connect(authority).await?;
         stream.set_nodelay(true)?;
-        Ok(Self { stream, buf: Vec::with_capacity(1024) })
+        Ok(Self::Http1 { stream, buf: Vec::with_capacity(1024) })
+    }
+
+    async fn connect_http2(authority: &str) -> anyhow::Result<Http2Sender> {
+        let stream = tokio::net::TcpStream::connect(authority).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    /// A new connection after one failed (for HTTP/2, one of the chat's own).
+    async fn reconnect(&self, authority: &str) -> anyhow::Result<Self> {
+        match self {
+            Sender::Http1 { .. } => Ok(Self::connect(authority).await?),
+            Sender::Http2(_) => Ok(Sender::Http2(Self::connect_http2(authority).await?)),
+        }
+    }
+
+    /// Sends message `n` of a chat; the answer's status. `request`: a buffer kept per chat.
+    async fn send_message(&mut self, request: &mut String, authority: &str, chat_id: &str, token: &str, text: &str, n: u64) -> anyhow::Result<u16> {
+        match self {
+            Sender::Http1 { .. } => {
+                message_request(request, authority, chat_id, token, text, n);
+                Ok(self.exchange(request.as_bytes()).await?)
+            }
+            Sender::Http2(sender) => {
+                use std::fmt::Write;
+                request.clear();
+                let _ = write!(request, "{{\"text\":\"{text}\",\"client_msg_id\":\"m{n}\"}}");
+                let req = hyper::Request::post(format!("http://{authority}/v1/chats/{chat_id}/messages"))
+                    .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+                    .header(hyper::header::CONTENT_TYPE, "application/json")
+                    .body(http_body_util::Full::new(bytes::Bytes::copy_from_slice(request.as_bytes())))?;
+                sender.ready().await?;
+                let response = sender.send_request(req).await?;
+                let status = response.status().as_u16();
+                http_body_util::BodyExt::collect(response.into_body()).await?;
+                Ok(status)
+            }
+        }
     }
 
     async fn exchange(&mut self, request: &[u8]) -> std::io::Result<u16> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Sender::Http1 { stream, buf } = self else { unreachable!("HTTP/1.1 only") };
         let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-        self.stream.write_all(request).await?;
-        self.buf.clear();
+        stream.write_all(request).await?;
+        buf.clear();
         loop {
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
+            if stream.read_buf(buf).await? == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-            let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
-            let head = std::str::from_utf8(&self.buf[..end]).map_err(|_| bad("response head is not UTF-8"))?;
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+            let head = std::str::from_utf8(&buf[..end]).map_err(|_| bad("response head is not UTF-8"))?;
             let status = head.get(9..12).and_then(|s| s.parse().ok()).ok_or_else(|| bad("no status"))?;
             let length: usize = head
                 .lines()
                 .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")).map(|(_, v)| v.trim()))
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| bad("no content-length"))?;
-            while self.buf.len() < end + 4 + length {
-                if self.stream.read_buf(&mut self.buf).await? == 0 {
+            while buf.len() < end + 4 + length {
+                if stream.read_buf(buf).await? == 0 {
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 }
             }

@@ -1,5 +1,8 @@
-//! The HTTP side of an instance: accepts connections (hyper, HTTP/1.1 with upgrades for
-//! WebSocket) and hands each request to the API router.
+//! The HTTP side of an instance: accepts connections and hands each request to the API
+//! router. HTTP/1.1 (with upgrades for WebSocket) and HTTP/2: over TLS as the client's ALPN
+//! chooses, on plain connections by the HTTP/2 preface (prior knowledge, as load balancers
+//! speak it). HTTP/2 carries many requests on one connection: a browser's agent console keeps
+//! a long poll per chat open without running into its limit of six connections per origin.
 
 mod api;
 pub mod input;
@@ -16,9 +19,9 @@ use crate::auth::StaffTokens;
 use crate::chat::Chats;
 use crate::config::LimitsSection;
 use crate::kpi::Kpi;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use tokio::net::TcpListener;
@@ -80,11 +83,19 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl std::futur
         tokio::spawn(async move {
             let _permit = permit;
             let Some(tls) = app.tls.clone() else {
-                return serve(app, stream, peer, header_timeout).await;
+                // Telling the protocols apart counts against the header timeout too.
+                return match tokio::time::timeout(header_timeout, protocol_of(&stream)).await {
+                    Ok(Ok(protocol)) => serve(app, stream, peer, header_timeout, protocol).await,
+                    Ok(Err(e)) => debug!(%peer, cause = %e, "connection closed before a request"),
+                    Err(_) => debug!(%peer, "no request within the header timeout"),
+                };
             };
             // The handshake counts against the header timeout: a silent client holds nothing long.
             match tokio::time::timeout(header_timeout, tls.acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve(app, stream, peer, header_timeout).await,
+                Ok(Ok(stream)) => {
+                    let protocol = if stream.get_ref().1.alpn_protocol() == Some(b"h2") { Protocol::Http2 } else { Protocol::Http1 };
+                    serve(app, stream, peer, header_timeout, protocol).await
+                }
                 Ok(Err(e)) => debug!(%peer, cause = %e, "TLS handshake failed"),
                 Err(_) => debug!(%peer, "TLS handshake timed out"),
             }
@@ -92,8 +103,37 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl std::futur
     }
 }
 
-/// Serves HTTP/1.1 (with WebSocket upgrades) on one accepted connection, plain or TLS.
-async fn serve<S>(app: Arc<App>, stream: S, peer: std::net::SocketAddr, header_timeout: std::time::Duration)
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// What a client sends first on an HTTP/2 connection with prior knowledge (RFC 9113, 3.4).
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// HTTP/2 if the connection starts with its preface, else HTTP/1.1; looks without reading.
+async fn protocol_of(stream: &tokio::net::TcpStream) -> std::io::Result<Protocol> {
+    let mut first = [0u8; HTTP2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if first[..n] != HTTP2_PREFACE[..n] {
+            return Ok(Protocol::Http1);
+        }
+        if n == HTTP2_PREFACE.len() {
+            return Ok(Protocol::Http2);
+        }
+        // A start of the preface, the rest on its way ("P" is also how POST begins): peek
+        // returns at once while any byte waits, so look again a moment later.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// Serves one accepted connection, plain or TLS: HTTP/1.1 with WebSocket upgrades, or HTTP/2.
+async fn serve<S>(app: Arc<App>, stream: S, peer: std::net::SocketAddr, header_timeout: std::time::Duration, protocol: Protocol)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -101,13 +141,31 @@ where
         let app = app.clone();
         async move { Ok::<_, std::convert::Infallible>(api::route(app, req).await) }
     });
-    let conn = http1::Builder::new()
-        .max_buf_size(64 * 1024)
-        .header_read_timeout(header_timeout)
-        .timer(hyper_util::rt::TokioTimer::new())
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    if let Err(e) = conn.await {
-        debug!(%peer, cause = %e, "connection ended with an error");
+    let ended = match protocol {
+        Protocol::Http1 => {
+            http1::Builder::new()
+                .max_buf_size(64 * 1024)
+                .header_read_timeout(header_timeout)
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await
+        }
+        // No header timeout in HTTP/2: a peer that stops answering pings is cut off instead.
+        Protocol::Http2 => {
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(HTTP2_STREAMS)
+                .keep_alive_interval(Some(std::time::Duration::from_secs(20)))
+                .keep_alive_timeout(std::time::Duration::from_secs(20))
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+        }
+    };
+    if let Err(e) = ended {
+        debug!(%peer, ?protocol, cause = %e, "connection ended with an error");
     }
 }
+
+/// Requests one HTTP/2 connection may have open at once (each long poll holds one).
+const HTTP2_STREAMS: u32 = 256;

@@ -33,7 +33,7 @@ impl Tls {
             .with_single_cert(chain, key)
             .map_err(|e| format!("server.tls_cert_file {} and server.tls_key_file {} do not make a usable certificate: {e}", cert_file.display(), key_file.display()))?;
         let mut server_config = server_config;
-        server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
 
         let ca_file = server.tls_peer_ca_file.as_ref().ok_or("server.tls_peer_ca_file is needed with TLS: the CA that signed the instances' certificates, checked when passing requests on")?;
         let mut roots = RootCertStore::empty();
