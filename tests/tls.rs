@@ -10,19 +10,6 @@ use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("the openssl command line");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A CA and a certificate for 127.0.0.1 signed by it, in `dir`: ca.pem, server.pem, server.key.
-fn make_certificates(dir: &Path) {
-    openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Parley test CA"]);
-    openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
-    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n").unwrap();
-    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext"]);
-}
-
 /// curl with the cluster's CA: (status, parley-instance, JSON body).
 fn curl(ca: &Path, method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, String, Value) {
     let mut c = Command::new("curl");
@@ -40,13 +27,6 @@ fn curl(ca: &Path, method: &str, url: &str, token: Option<&str>, body: Option<&s
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let instance = head.lines().find_map(|l| l.strip_prefix("parley-instance: ")).unwrap_or_default().trim().to_string();
     (status, instance, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-fn tls_deployment(dir: &Path) -> String {
-    format!(
-        "[server]\ntls_cert_file = \"{0}/server.pem\"\ntls_key_file = \"{0}/server.key\"\ntls_peer_ca_file = \"{0}/ca.pem\"\n",
-        dir.display()
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -218,3 +218,24 @@ pub fn poll_in_background(server: &Server, p: &Participant, after: u64) -> tokio
     let mut c = server.client();
     tokio::spawn(async move { c.get(&path, Some(&token)).await.unwrap().ok().unwrap() })
 }
+
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("the openssl command line");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, in `dir`: ca.pem, server.pem, server.key.
+pub fn make_certificates(dir: &Path) {
+    openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Parley test CA"]);
+    openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n").unwrap();
+    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext"]);
+}
+
+/// A deployment's [server] section for TLS with the certificates of `make_certificates`.
+pub fn tls_deployment(dir: &Path) -> String {
+    format!(
+        "[server]\ntls_cert_file = \"{0}/server.pem\"\ntls_key_file = \"{0}/server.key\"\ntls_peer_ca_file = \"{0}/ca.pem\"\n",
+        dir.display()
+    )
+}
