@@ -60,6 +60,17 @@ async fn a_tls_cluster_serves_passes_on_and_fails_over_over_tls() {
     assert_eq!((status, instance.as_str()), (200, a.id.as_str()), "served by A through B: {acked}");
     let seq = acked["seq"].as_u64().unwrap();
 
+    // A WebSocket over TLS to B, passed on to A over TLS: the transcript so far, then live.
+    let proxied = || curl(&ca, "GET", &format!("{url_b}/v1/kpi"), None, None).2["requests_proxied"].as_u64().unwrap();
+    let before = proxied();
+    let mut ws = websocket_over_tls(&ca, &b.addr, &format!("/v1/chats/{chat_id}/ws?after=0&token={token}")).await;
+    assert_eq!(next_message(&mut ws).await, (seq, "over TLS, via B".to_string()));
+    assert_eq!(proxied(), before + 1, "B passed the WebSocket on to A");
+    let (status, _, live) = curl(&ca, "POST", &format!("{url_a}/v1/chats/{chat_id}/messages"), Some(token), Some(r#"{"text":"live over wss","client_msg_id":"t1b"}"#));
+    assert_eq!(status, 200, "{live}");
+    let live_seq = live["seq"].as_u64().unwrap();
+    assert_eq!(next_message(&mut ws).await, (live_seq, "live over wss".to_string()));
+
     // A plain HTTP client gets no answer from a TLS listener, and the listener goes on.
     let plain = Command::new("curl").args(["-sS", "--max-time", "5", &format!("http://{}/healthz", a.addr)]).output().unwrap();
     assert!(!plain.status.success(), "plain HTTP was answered: {}", String::from_utf8_lossy(&plain.stdout));
@@ -72,10 +83,45 @@ async fn a_tls_cluster_serves_passes_on_and_fails_over_over_tls() {
     a.kill9();
     let (status, instance, transcript) = curl(&ca, "GET", &format!("{url_b}/v1/chats/{chat_id}/transcript"), Some(token), None);
     assert_eq!((status, instance.as_str()), (200, b.id.as_str()), "{transcript}");
-    assert_eq!(messages(&transcript), vec![(seq, "over TLS, via B".to_string())]);
+    assert_eq!(messages(&transcript), vec![(seq, "over TLS, via B".to_string()), (live_seq, "live over wss".to_string())]);
     let (status, _, again) = curl(&ca, "POST", &messages_url, Some(token), Some(r#"{"text":"after the kill","client_msg_id":"t2"}"#));
     assert_eq!(status, 200, "{again}");
-    assert!(again["seq"].as_u64().unwrap() > seq);
+    assert!(again["seq"].as_u64().unwrap() > live_seq);
+}
+
+type Wss = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket to `path` on `addr` over TLS, trusting `ca` (ALPN http/1.1, as browsers open
+/// WebSockets).
+async fn websocket_over_tls(ca: &Path, addr: &str, path: &str) -> Wss {
+    use tokio_rustls::rustls::{self, pki_types::{CertificateDer, ServerName, pem::PemObject}};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let host = ServerName::try_from(addr.rsplit_once(':').unwrap().0.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(host, tcp).await.expect("a TLS handshake");
+    let (ws, _) = tokio_tungstenite::client_async(format!("wss://{addr}{path}"), tls).await.expect("a WebSocket handshake over TLS");
+    ws
+}
+
+/// The next message event on the socket: (seq, text).
+async fn next_message(ws: &mut Wss) -> (u64, String) {
+    use futures_util::StreamExt;
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await.expect("an event within 10 s").expect("the socket is open").unwrap();
+        let e: Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+        if e["kind"] == "message" {
+            return (e["seq"].as_u64().unwrap(), e["text"].as_str().unwrap().to_string());
+        }
+    }
 }
 
 #[test]
