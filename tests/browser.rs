@@ -93,28 +93,40 @@ async fn widget_and_console_carry_on_through_a_kill_9_of_the_owner() {
     }
 }
 
-/// An agent with more chats than a browser opens HTTP/1.1 connections to one origin, on the
-/// console over HTTPS (tests/browser/busy-agent.mjs): every customer's message arrives and
-/// every answer is acknowledged within 5 s, over HTTP/2.
+/// An agent with more chats than a browser opens HTTP/1.1 connections to one origin
+/// (tests/browser/busy-agent.mjs): every customer's message arrives and every answer is
+/// acknowledged within 5 s — over plain HTTP/1.1 (events over WebSockets) and over HTTPS
+/// (HTTP/2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_eight_chats_gets_and_answers_each_at_once() {
+    let data = Scratch::new("busy-agent");
+    let server = Server::start(data.path(), None);
+    busy_agent(&format!("http://{}", server.addr), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_with_eight_chats_over_https_gets_and_answers_each_at_once() {
-    assert!(Path::new(CHROMIUM).exists(), "the browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)");
-    let scripts = playwright();
-    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
     let certs = Scratch::new("busy-agent-certs");
     make_certificates(certs.path());
-    let data = Scratch::new("busy-agent");
+    let data = Scratch::new("busy-agent-tls");
     let config = data.deployment(&tls_deployment(certs.path()));
     let server = Server::start(data.path(), Some(&config));
-    let input = serde_json::json!({"url": format!("https://{}", server.addr), "agent_token": AGENT, "artifacts": artifacts, "chats": 8});
-    let ca = certs.path().join("ca.pem");
-    let run = tokio::task::spawn_blocking(move || {
-        Command::new("node").arg("busy-agent.mjs").current_dir(scripts).env("PARLEY_BROWSER_TEST", input.to_string()).env("NODE_EXTRA_CA_CERTS", ca).output().expect("run node")
-    });
-    let out = tokio::time::timeout(std::time::Duration::from_secs(180), run).await.expect("the browser test finished within 3 minutes").unwrap();
+    busy_agent(&format!("https://{}", server.addr), Some(&certs.path().join("ca.pem")));
+}
+
+/// Runs busy-agent.mjs against the instance at `url`; `ca`: the CA its certificate is signed by.
+fn busy_agent(url: &str, ca: Option<&Path>) {
+    assert!(Path::new(CHROMIUM).exists(), "the browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)");
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let input = serde_json::json!({"url": url, "agent_token": AGENT, "artifacts": artifacts, "chats": 8});
+    let mut node = Command::new("node");
+    node.arg("busy-agent.mjs").current_dir(playwright()).env("PARLEY_BROWSER_TEST", input.to_string());
+    if let Some(ca) = ca {
+        node.env("NODE_EXTRA_CA_CERTS", ca);
+    }
+    let out = node.output().expect("run node");
     let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("{printed}");
     assert!(out.status.success(), "the browser script failed: {printed}");
-    drop(server);
 }

@@ -19,7 +19,7 @@ const WIDGET_PAGE: &str = include_str!("../../web/widget/index.html");
 const CONSOLE_JS: &str = concat!(include_str!("../../web/client.js"), include_str!("../../web/view.js"), include_str!("../../web/agent/console.js"));
 const CONSOLE_PAGE: &str = include_str!("../../web/agent/index.html");
 
-const PAGE_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self' http: https:; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+const PAGE_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self' http: https: ws: wss:; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 /// Where the pages put the cluster's addresses, this instance first.
 const INSTANCES_MARK: &str = "%PARLEY_INSTANCES%";
@@ -46,7 +46,8 @@ pub fn asset(app: &App, path: &str) -> Option<Response<Body>> {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     // The console holds an agent token: only its own scripts run, no page may frame it, and
-    // it talks to the cluster's instances (any http/https address, as the operator lists them).
+    // it talks to the cluster's instances (any http/https address, as the operator lists them,
+    // and their WebSockets).
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(PAGE_POLICY));
     Some(r)
 }
