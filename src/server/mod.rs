@@ -1,8 +1,8 @@
 //! The HTTP side of an instance: accepts connections and hands each request to the API
 //! router. HTTP/1.1 (with upgrades for WebSocket) and HTTP/2: over TLS as the client's ALPN
 //! chooses, on plain connections by the HTTP/2 preface (prior knowledge, as load balancers
-//! speak it). HTTP/2 carries many requests on one connection: a browser's agent console keeps
-//! a long poll per chat open without running into its limit of six connections per origin.
+//! speak it). HTTP/2 carries many requests on one connection: a load balancer's for many
+//! clients, or a browser's for all the chats on an agent's console.
 
 mod api;
 pub mod input;
