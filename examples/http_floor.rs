@@ -8,7 +8,7 @@
 //!     cargo run --release --example http_floor -- 127.0.0.1:7499 &
 //!     target/release/parley bench --target http://127.0.0.1:7499 --agent-token t --chats 1000 --rate 20000
 //!
-//! It prints its own threads' CPU per answered message when stopped with Ctrl-C (SIGINT).
+//! Its CPU per message: `/proc/<pid>/stat` (utime + stime) over a window of the run.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -29,7 +29,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Chats {
     messages: Mutex<HashMap<String, u64>>,
     created: AtomicU64,
-    answered: AtomicU64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,14 +38,6 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&listen).await?;
         println!("http_floor listening on {listen}");
         let chats = Arc::new(Chats::default());
-        let report = chats.clone();
-        tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            let answered = report.answered.load(Ordering::Relaxed).max(1);
-            let cpu = process_cpu_seconds();
-            println!("answered {answered} messages; process CPU {:.1} µs per message (including setup)", cpu * 1e6 / answered as f64);
-            std::process::exit(0);
-        });
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
@@ -93,7 +84,6 @@ async fn answer(chats: &Chats, req: Request<Incoming>) -> Response<Full<Bytes>> 
             }) else {
                 return reply(StatusCode::NOT_FOUND, "{}".into());
             };
-            chats.answered.fetch_add(1, Ordering::Relaxed);
             let id = message["client_msg_id"].as_str().unwrap_or_default();
             reply(StatusCode::OK, format!(r#"{{"seq":{seq},"client_msg_id":"{id}"}}"#))
         }
@@ -111,12 +101,4 @@ fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     *r.status_mut() = status;
     r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     r
-}
-
-/// User + system CPU seconds of this process (/proc/self/stat, clock ticks of 1/100 s).
-fn process_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum::<f64>() / 100.0)
 }

@@ -28,25 +28,23 @@ fn shown_messages(items: &Value) -> Vec<(u64, String)> {
     items.as_array().unwrap().iter().filter(|i| i["kind"] == "message").map(|i| (i["seq"].as_u64().unwrap_or(0), i["text"].as_str().unwrap().to_string())).collect()
 }
 
+/// The screenshots failover.mjs saves before, during and after the failover.
+const FAILOVER_SHOTS: [&str; 6] = ["customer-1-before-failover", "agent-1-before-failover", "customer-2-reconnecting", "agent-2-reconnecting", "customer-3-after-failover", "agent-3-after-failover"];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn widget_and_console_carry_on_through_a_kill_9_of_the_owner() {
-    assert!(Path::new(CHROMIUM).exists(), "the browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)");
-    let scripts = playwright();
-    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-artifacts");
-    let _ = std::fs::remove_dir_all(&artifacts);
-    std::fs::create_dir_all(&artifacts).unwrap();
-
+    let artifacts = artifacts();
+    // Only this run's screenshots count (the other scenarios save theirs beside them meanwhile).
+    for name in FAILOVER_SHOTS {
+        let _ = std::fs::remove_file(artifacts.join(format!("{name}.png")));
+    }
     let data = Scratch::new("browser");
     let servers: Vec<Server> = (0..3).map(|_| Server::start(data.path(), None)).collect();
     let result = data.path().join("browser-result.json");
     let instances: Vec<Value> = servers.iter().map(|s| serde_json::json!({"id": s.id, "url": format!("http://{}", s.addr), "pid": s.pid()})).collect();
     let input = serde_json::json!({"instances": instances, "agent_token": AGENT, "artifacts": artifacts, "result": result});
 
-    let run = tokio::task::spawn_blocking(move || Command::new("node").arg("failover.mjs").current_dir(scripts).env("PARLEY_BROWSER_TEST", input.to_string()).output().expect("run node"));
-    let out = tokio::time::timeout(std::time::Duration::from_secs(240), run).await.expect("the browser test finished within 4 minutes").unwrap();
-    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprintln!("{printed}");
-    assert!(out.status.success(), "the browser script failed: {printed}");
+    run_script("failover.mjs", input, None).await;
 
     let shown: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
     let owner = shown["owner"].as_str().unwrap();
@@ -87,7 +85,7 @@ async fn widget_and_console_carry_on_through_a_kill_9_of_the_owner() {
         assert!(*seq > moved_seq, "{text:?} (seq {seq}) was saved by the new owner, after the moved event ({moved_seq})");
     }
 
-    for name in ["customer-1-before-failover", "agent-1-before-failover", "customer-2-reconnecting", "agent-2-reconnecting", "customer-3-after-failover", "agent-3-after-failover"] {
+    for name in FAILOVER_SHOTS {
         let png = std::fs::read(artifacts.join(format!("{name}.png"))).unwrap_or_default();
         assert!(png.len() > 10_000 && png.starts_with(b"\x89PNG"), "screenshot {name}.png saved ({} bytes)", png.len());
     }
@@ -101,7 +99,7 @@ async fn widget_and_console_carry_on_through_a_kill_9_of_the_owner() {
 async fn an_agent_with_eight_chats_gets_and_answers_each_at_once() {
     let data = Scratch::new("busy-agent");
     let server = Server::start(data.path(), None);
-    busy_agent(&format!("http://{}", server.addr), None);
+    busy_agent(&format!("http://{}", server.addr), None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,22 +109,35 @@ async fn an_agent_with_eight_chats_over_https_gets_and_answers_each_at_once() {
     let data = Scratch::new("busy-agent-tls");
     let config = data.deployment(&tls_deployment(certs.path()));
     let server = Server::start(data.path(), Some(&config));
-    busy_agent(&format!("https://{}", server.addr), Some(&certs.path().join("ca.pem")));
+    busy_agent(&format!("https://{}", server.addr), Some(&certs.path().join("ca.pem"))).await;
 }
 
 /// Runs busy-agent.mjs against the instance at `url`; `ca`: the CA its certificate is signed by.
-fn busy_agent(url: &str, ca: Option<&Path>) {
+async fn busy_agent(url: &str, ca: Option<&Path>) {
+    let input = serde_json::json!({"url": url, "agent_token": AGENT, "artifacts": artifacts(), "chats": 8});
+    run_script("busy-agent.mjs", input, ca).await;
+}
+
+/// Where the scripts save their screenshots.
+fn artifacts() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs one script of tests/browser in node (Chromium through playwright-core) with `input`
+/// as PARLEY_BROWSER_TEST and, if given, `ca` trusted by the script's own requests; it must
+/// succeed within 4 minutes.
+async fn run_script(script: &str, input: Value, ca: Option<&Path>) {
     assert!(Path::new(CHROMIUM).exists(), "the browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)");
-    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let input = serde_json::json!({"url": url, "agent_token": AGENT, "artifacts": artifacts, "chats": 8});
     let mut node = Command::new("node");
-    node.arg("busy-agent.mjs").current_dir(playwright()).env("PARLEY_BROWSER_TEST", input.to_string());
+    node.arg(script).current_dir(playwright()).env("PARLEY_BROWSER_TEST", input.to_string());
     if let Some(ca) = ca {
         node.env("NODE_EXTRA_CA_CERTS", ca);
     }
-    let out = node.output().expect("run node");
+    let run = tokio::task::spawn_blocking(move || node.output().expect("run node"));
+    let out = tokio::time::timeout(std::time::Duration::from_secs(240), run).await.expect("the browser test finished within 4 minutes").unwrap();
     let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("{printed}");
-    assert!(out.status.success(), "the browser script failed: {printed}");
+    assert!(out.status.success(), "the browser script {script} failed: {printed}");
 }

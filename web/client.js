@@ -273,9 +273,7 @@
     async look(base) {
       try {
         const r = await this.cluster.once(base, "GET", `${this.path}/events?after=${this.after}&wait_ms=0`, this.token, undefined, this.cluster.timeoutMs, this.abort.signal);
-        if (r.status !== 200) return;
-        this.answered(r.instance);
-        for (const e of (r.body && r.body.events) || []) this.deliver(e);
+        if (r.status === 200) this.take(r);
       } catch (_) {
         // The socket itself says when the instance is gone.
       }
@@ -296,12 +294,17 @@
         if (!this.stopped) this.setStatus("failed", e.message);
         return false;
       }
+      // A closed chat answers at once; never spin on empty answers.
+      if (this.take(r) === 0 && Date.now() - asked < 1000) await sleep(1000);
+      return true;
+    }
+
+    /** An answer to an events request: who served it, then its events; how many. */
+    take(r) {
       this.answered(r.instance);
       const events = (r.body && r.body.events) || [];
       for (const e of events) this.deliver(e);
-      // A closed chat answers at once; never spin on empty answers.
-      if (events.length === 0 && Date.now() - asked < 1000) await sleep(1000);
-      return true;
+      return events.length;
     }
 
     deliver(e) {

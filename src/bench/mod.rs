@@ -97,7 +97,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     // Open the chats, an agent in each.
     let mut shared = Vec::new();
     for _ in 0..o.http2 {
-        shared.push(Sender::connect_http2(&target_authority(&target)).await?);
+        shared.push(Sender::connect_http2(Client::new(&target).authority()).await?);
     }
     let mut setup = tokio::task::JoinSet::new();
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
@@ -330,10 +330,6 @@ enum Sender {
 }
 
 type Http2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
-
-fn target_authority(target: &str) -> String {
-    target.trim_start_matches("http://").trim_end_matches('/').to_string()
-}
 
 impl Sender {
     async fn connect(authority: &str) -> std::io::Result<Self> {
