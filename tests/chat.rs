@@ -112,10 +112,23 @@ async fn events_by_long_poll_and_websocket_in_order() {
     assert!(t["events"][0].get("seq").is_none());
     assert_eq!(t["next"], 3, "typing does not move the cursor");
 
-    // A WebSocket from the start replays the transcript, then follows it live.
+    // A WebSocket from the start replays the transcript, then follows it live. The token rides
+    // as a subprotocol (out of the URL), and the answer selects `parley` as browsers require.
+    let (mut ws, selected) = chat_socket(&server.addr, &customer.chat_id, 0, &token_protocols(&customer.token)).await.unwrap();
+    assert_eq!(selected.as_deref(), Some("parley"));
+    // The other ways in: the token in the URL still works (older clients); a stranger's token
+    // as a subprotocol is refused like any other; a token subprotocol alone is refused, since a
+    // browser would fail a socket whose answer selects none of what it offered.
     let url = format!("ws://{}/v1/chats/{}/ws?after=0&token={}", server.addr, customer.chat_id, customer.token);
-    let stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    let (mut by_url, response) = tokio_tungstenite::client_async(url, tokio::net::TcpStream::connect(&server.addr).await.unwrap()).await.unwrap();
+    assert!(response.headers().get("sec-websocket-protocol").is_none(), "nothing offered, nothing selected");
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), by_url.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(serde_json::from_str::<Value>(first.to_text().unwrap()).unwrap()["seq"], 1);
+    let stranger = chat_socket(&server.addr, &customer.chat_id, 0, &token_protocols(&"0".repeat(32))).await.err().expect("a stranger is refused");
+    assert_eq!(stranger.0, 403, "{}", stranger.1);
+    let (status, body) = chat_socket(&server.addr, &customer.chat_id, 0, &format!("parley.token.{}", customer.token)).await.err().expect("refused");
+    assert_eq!(status, 400);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["code"], "subprotocol_missing", "{body}");
     for i in 0..20 {
         assert_eq!(customer.send(&format!("live {i}"), &format!("c{i}")).await.status, 200);
     }

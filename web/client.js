@@ -233,11 +233,12 @@
     /** Reads one WebSocket on the current instance until it closes; whether it opened. */
     socket() {
       const base = this.cluster.instances[this.cluster.current];
-      const url = `${base.replace(/^http/, "ws")}${this.path}/ws?after=${this.after}&token=${encodeURIComponent(this.token)}`;
+      const url = `${base.replace(/^http/, "ws")}${this.path}/ws?after=${this.after}`;
       return new Promise((resolve) => {
         let ws;
         try {
-          ws = new global.WebSocket(url);
+          // The token rides as a subprotocol, not in the URL that proxies log.
+          ws = new global.WebSocket(url, ["parley", "parley.token." + this.token]);
         } catch (_) {
           resolve(false);
           return;

@@ -145,9 +145,13 @@ async fn chat_request(app: &Arc<App>, chat_id: &str, action: &str, req: Req) -> 
             require_admin(app, &req)?;
             Requester::Workflow
         }
-        // Browsers cannot set headers on a WebSocket: the token may come as ?token=.
+        // Browsers cannot set headers on a WebSocket: the token may come as a subprotocol or ?token=.
         "ws" => Requester::Participant(
-            bearer(&req).map(str::to_owned).or_else(|| query_pairs(&req).into_iter().find(|(k, _)| k == "token").map(|(_, v)| v)).ok_or_else(unauthorized)?,
+            bearer(&req)
+                .or_else(|| ws::subprotocol_token(&req))
+                .map(str::to_owned)
+                .or_else(|| query_pairs(&req).into_iter().find(|(k, _)| k == "token").map(|(_, v)| v))
+                .ok_or_else(unauthorized)?,
         ),
         _ => Requester::Participant(require_token(&req)?.to_owned()),
     };

@@ -1,13 +1,15 @@
 //! `GET /v1/chats/{id}/ws`: the chat's events as WebSocket text frames, in order, starting
 //! after `?after=`. Browsers cannot set headers on a WebSocket, so the participant token may
-//! also come as `?token=`. When another instance takes the chat over, the socket closes with
-//! code 1012 (service restart): the client reconnects after its last seq.
+//! also come as a subprotocol, `parley.token.<token>` offered beside `parley` (the one the
+//! answer selects), or as `?token=` — which keeps working, but puts the token in the URL that
+//! proxies and load balancers log. When another instance takes the chat over, the socket
+//! closes with code 1012 (service restart): the client reconnects after its last seq.
 
 use super::api::{ApiError, Body, Req, query_u64};
 use crate::chat::{ChatHandle, Member};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
-use hyper::header::{CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::header::{CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, UPGRADE};
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
@@ -17,8 +19,34 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 
+/// The subprotocol a client offers for Parley's event frames; the answer selects it.
+const SUBPROTOCOL: &str = "parley";
+/// The prefix of the subprotocol that carries the participant token.
+const TOKEN_SUBPROTOCOL: &str = "parley.token.";
+
+/// The participant token offered as a subprotocol, if any.
+pub fn subprotocol_token(req: &Req) -> Option<&str> {
+    offered(req).find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL)).filter(|t| !t.is_empty())
+}
+
+fn offered(req: &Req) -> impl Iterator<Item = &str> {
+    req.headers().get_all(SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim)
+}
+
 pub fn upgrade(chat: ChatHandle, member: Member, req: Req) -> Result<Response<Body>, ApiError> {
     let after = query_u64(&req, "after", 0)?;
+    // A browser fails a socket whose answer selects none of the subprotocols it offered.
+    let selected = match (offered(&req).any(|p| p == SUBPROTOCOL), subprotocol_token(&req)) {
+        (true, _) => Some(HeaderValue::from_static(SUBPROTOCOL)),
+        (false, Some(_)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "subprotocol_missing",
+                format!("offer the subprotocol \"{SUBPROTOCOL}\" beside \"{TOKEN_SUBPROTOCOL}<token>\": the answer selects it"),
+            ));
+        }
+        (false, None) => None,
+    };
     let key = req
         .headers()
         .get(SEC_WEBSOCKET_KEY)
@@ -78,5 +106,8 @@ pub fn upgrade(chat: ChatHandle, member: Member, req: Req) -> Result<Response<Bo
     h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("accept key is ASCII"));
+    if let Some(protocol) = selected {
+        h.insert(SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
     Ok(response)
 }

@@ -219,6 +219,34 @@ pub fn poll_in_background(server: &Server, p: &Participant, after: u64) -> tokio
     tokio::spawn(async move { c.get(&path, Some(&token)).await.unwrap().ok().unwrap() })
 }
 
+pub type ChatSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Opens a chat's event WebSocket at `addr` the way the browser client does: the token offered
+/// as the subprotocol `parley.token.<token>` beside `parley`. Answers the socket and the
+/// subprotocol the server selected, or the refusal's status and body.
+pub async fn chat_socket(addr: &str, chat_id: &str, after: u64, protocols: &str) -> Result<(ChatSocket, Option<String>), (u16, String)> {
+    use tokio_tungstenite::tungstenite::{Error, client::IntoClientRequest};
+    let mut request = format!("ws://{addr}/v1/chats/{chat_id}/ws?after={after}").into_client_request().unwrap();
+    request.headers_mut().insert("sec-websocket-protocol", protocols.parse().unwrap());
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok((ws, response)) => {
+            let selected = response.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap().to_string());
+            Ok((ws, selected))
+        }
+        Err(Error::Http(response)) => {
+            let body = response.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+            Err((response.status().as_u16(), body))
+        }
+        Err(e) => panic!("WebSocket to {addr}: {e}"),
+    }
+}
+
+/// The subprotocols the browser client offers for `token`.
+pub fn token_protocols(token: &str) -> String {
+    format!("parley, parley.token.{token}")
+}
+
 pub fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl").args(args).current_dir(dir).output().expect("the openssl command line");
     assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));

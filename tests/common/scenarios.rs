@@ -95,8 +95,9 @@ pub async fn reference_guide_test(servers: Vec<Server>) {
     let messages_path = format!("/v1/chats/{chat_id}/messages");
 
     // A WebSocket through C follows the chat live, passed on to A as well.
-    let url = format!("ws://{}/v1/chats/{chat_id}/ws?after=0&token={customer_token}", c.addr);
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tokio::net::TcpStream::connect(&c.addr).await.unwrap()).await.unwrap();
+    // Its token as a subprotocol, which C passes on and whose selection comes back from A.
+    let (mut ws, selected) = super::chat_socket(&c.addr, &chat_id, 0, &super::token_protocols(&customer_token)).await.unwrap();
+    assert_eq!(selected.as_deref(), Some("parley"));
 
     let mut acked = Vec::new();
     for i in 0..10 {
