@@ -341,3 +341,43 @@ async fn keep_sending(mut customer: Participant, how_long: Duration, pause: Dura
     }
     (customer, acked)
 }
+
+/// The SQLite store logs new events in saving order and folds each chat's rows into the chat's
+/// own table later, remembering in the plugin's memory what it logged. That memory is gone when
+/// the plugin traps (the host recreates the instance) and when the process dies: every
+/// acknowledged message must still be in the transcript after both, once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_outlive_a_recreated_store_plugin_and_kill_9() {
+    let data = Scratch::new("store-log");
+    let config = faulty_store(&data);
+    let server = Server::start(data.path(), Some(&config));
+    let (mut customer, _) = open_chat(&server, "Kim").await;
+    let (mut victim, _) = open_chat(&server, "Vic").await;
+    let mut acked = Vec::new();
+    let send = async |customer: &mut Participant, acked: &mut Vec<(u64, String)>, round: &str, n: usize| {
+        for m in 0..n {
+            let text = format!("{round} {m}");
+            let r = customer.send(&text, &format!("{round}-{m}")).await;
+            assert_eq!(r.status, 200, "{text}: {:?}", r.body);
+            acked.push((r.body["seq"].as_u64().unwrap(), text));
+        }
+    };
+    // A chat's rows are folded 32 at a time: after 45, some are folded and some only logged.
+    send(&mut customer, &mut acked, "before", 45).await;
+    let r = victim.send("!trap", "v1").await;
+    assert_eq!(r.status, 503, "the trapping save fails: {:?}", r.body);
+    send(&mut customer, &mut acked, "after the trap", 45).await;
+    server.kill9();
+
+    let server = Server::start(data.path(), Some(&config));
+    customer.moved_to(&server);
+    let restored = customer.transcript().await;
+    scenarios::assert_dense(&restored);
+    assert_eq!(messages(&restored), acked, "every message logged before the trap, after it, and folded");
+    send(&mut customer, &mut acked, "restarted", 20).await;
+    server.kill9();
+
+    let server = Server::start(data.path(), Some(&config));
+    customer.moved_to(&server);
+    assert_eq!(messages(&customer.transcript().await), acked, "and again after a second kill -9");
+}

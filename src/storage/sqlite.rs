@@ -328,9 +328,10 @@ fn connection(path: &Path, synchronous: Synchronous, busy_timeout: Duration, che
         Synchronous::Full => "FULL",
     };
     conn.pragma_update(None, "synchronous", sync)?;
-    // A group commit touches one leaf page per chat: keep the working set in memory, and
-    // checkpoint the WAL less often than every 4 MB so checkpoints do not stall commits
-    // (where no checkpoint thread does it; see `keep_checkpointing`).
+    // Keep the working set in memory (the store's log tail, the chats it fences against, the
+    // pages its folds land on), and checkpoint the WAL less often than every 4 MB so
+    // checkpoints do not stall commits (where no checkpoint thread does it; see
+    // `keep_checkpointing`).
     conn.pragma_update(None, "cache_size", -65536)?;
     conn.pragma_update(None, "wal_autocheckpoint", if checkpointed { 0 } else { 16384 })?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;

@@ -73,7 +73,7 @@ impl Guest for FaultyStore {
         tables::claim(&owner, &requests, now_ms)
     }
     fn load(chat_ids: Vec<String>) -> Vec<Result<Option<Transcript>, StoreError>> {
-        chat_ids.iter().map(|id| tables::load(id)).collect()
+        tables::load(&chat_ids)
     }
     fn save_final(transcript: Transcript) -> Result<(), StoreError> {
         tables::save_final(&transcript)

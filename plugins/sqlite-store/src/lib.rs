@@ -30,7 +30,7 @@ impl Guest for SqliteStore {
         tables::claim(&owner, &requests, now_ms)
     }
     fn load(chat_ids: Vec<String>) -> Vec<Result<Option<Transcript>, StoreError>> {
-        chat_ids.iter().map(|id| tables::load(id)).collect()
+        tables::load(&chat_ids)
     }
     fn save_final(transcript: Transcript) -> Result<(), StoreError> {
         tables::save_final(&transcript)

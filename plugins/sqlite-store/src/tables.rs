@@ -1,5 +1,22 @@
 //! The SQL behind the SQLite store: schema, fenced group-commit saves, claims, loads.
 //! Shared as source with the faulty test store so both run exactly the same storage code.
+//!
+//! A group commit appends its events to `log`, in the order they are saved, so it writes a
+//! few consecutive pages whatever the number of chats it carries (a row in `events`, which
+//! keeps each chat's rows together for loads, dirties one page per chat). The store keeps the
+//! rows it logged in memory and copies ("folds") a chat's rows into `events` once it has
+//! `CHAT_ROWS` of them, or once it holds the oldest row of a log grown past `LOG_ROWS` or
+//! `LOG_BYTES`: one page for many events. Then it cuts the log's folded prefix. A load reads
+//! `events` and the log rows of its chat, so a chat reads the same before and after a fold,
+//! after a kill -9, and after a plugin instance was recreated.
+//!
+//! A log row is deleted only once it is in `events` (or its chat was purged). The plugin
+//! instance that logged it knows when; rows whose writer's memory is gone are folded in one go:
+//! by that writer's next plugin instance before it logs anything (after a restart, or a trap
+//! that made the host recreate the instance), and by a claim once that writer's lease ran out.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::exports::parley::plugin::store::{ChatDelta, ClaimOutcome, ClaimRequest, Location, Member, Settings, StoreError, Transcript};
 use crate::parley::plugin::sql::{self, SqlError, Statement, Value};
@@ -22,6 +39,12 @@ const SCHEMA: &[&str] = &[
         participant_id TEXT NOT NULL, nickname TEXT NOT NULL, text TEXT NOT NULL,
         client_msg_id TEXT, at_ms INTEGER NOT NULL,
         PRIMARY KEY (chat_id, seq)) WITHOUT ROWID",
+    // New events of every writer (instance id), in saving order, until folded into `events`.
+    "CREATE TABLE IF NOT EXISTS log (
+        writer TEXT NOT NULL, n INTEGER NOT NULL, chat_id TEXT NOT NULL, seq INTEGER NOT NULL,
+        kind TEXT NOT NULL, participant_id TEXT NOT NULL, nickname TEXT NOT NULL, text TEXT NOT NULL,
+        client_msg_id TEXT, at_ms INTEGER NOT NULL,
+        PRIMARY KEY (writer, n)) WITHOUT ROWID",
     // Cluster membership: one lease row per instance id.
     "CREATE TABLE IF NOT EXISTS members (
         instance_id TEXT PRIMARY KEY, incarnation TEXT NOT NULL, address TEXT NOT NULL,
@@ -49,10 +72,39 @@ const UPSERT_CHAT: &str = "INSERT INTO chats (chat_id, epoch, owner, state, meta
     ON CONFLICT (chat_id) DO UPDATE SET state = excluded.state, meta = excluded.meta
     WHERE chats.epoch = excluded.epoch AND chats.owner = excluded.owner";
 
-const INSERT_EVENT: &str = "INSERT OR REPLACE INTO events
+/// Logs one event while the writer (`{writer}`, a quoted literal) holds the chat's epoch: the
+/// same fence as the chat row.
+const LOG_EVENT: &str = "INSERT INTO log
+    (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms, writer, n)
+    SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, {writer}, ?10
+    WHERE EXISTS (SELECT 1 FROM chats WHERE chat_id = ?1 AND epoch = ?9 AND owner = {writer})";
+
+/// Copies one logged row into `events`, found by its position: nothing crosses into the plugin
+/// and back. It was accepted under the chat's epoch when logged; a resent event logged twice is
+/// the same event, so the first copy stays. A chat purged meanwhile (closed, its final
+/// transcript saved) gets nothing back.
+const FOLD_EVENT: &str = "INSERT OR IGNORE INTO events
     (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
-    SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
-    WHERE EXISTS (SELECT 1 FROM chats WHERE chat_id = ?1 AND epoch = ?9 AND owner = ?10)";
+    SELECT chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms FROM log
+    WHERE writer = {writer} AND n = ?1 AND EXISTS (SELECT 1 FROM chats WHERE chat_id = log.chat_id)";
+
+/// Folds every row a writer left in the log, then removes them: the rows of a previous
+/// process or plugin instance of this writer, or of a writer whose lease ran out.
+const FOLD_WRITER: &str = "INSERT OR IGNORE INTO events
+    (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
+    SELECT chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms FROM log
+    WHERE writer = ?1 AND EXISTS (SELECT 1 FROM chats WHERE chat_id = log.chat_id) ORDER BY chat_id, seq";
+const DROP_WRITER: &str = "DELETE FROM log WHERE writer = ?1";
+
+/// Cuts the rows this plugin instance logged (from `?2` on) below its oldest unfolded row.
+const CUT_LOG: &str = "DELETE FROM log WHERE writer = ?1 AND n >= ?2 AND n < ?3";
+
+/// A chat is folded once it has this many logged rows...
+const CHAT_ROWS: usize = 32;
+/// ...or holds the oldest row while the log holds more than this many rows or text bytes.
+/// Together they bound what a load scans and what the plugin keeps in memory.
+const LOG_ROWS: usize = 16_384;
+const LOG_BYTES: usize = 8 << 20;
 
 const EVENT_COLUMNS: &str = "seq, kind, participant_id, nickname, text, client_msg_id, at_ms";
 
@@ -64,14 +116,92 @@ pub fn init(_settings: &Settings) -> Result<(), StoreError> {
     sql::transaction(&statements).map(drop).map_err(store_error)
 }
 
-/// One transaction for all deltas. The chat row is written only when the chat's metadata
-/// changed (the host sends `meta` then): rewriting it on every message would dirty a second
-/// page per chat per commit. Event rows carry their own epoch fence.
+/// What one plugin instance logged as one writer and has not folded yet.
+struct Writer {
+    /// `LOG_EVENT` and `FOLD_EVENT` for this writer.
+    log_sql: String,
+    fold_sql: String,
+    /// The first `n` this instance logged: rows below it are not its own.
+    first_n: i64,
+    next_n: i64,
+    /// Its rows below this are cut already.
+    cut_below: i64,
+    chats: HashMap<String, Logged>,
+    /// Each chat with logged rows, by its oldest row's `n`.
+    oldest: BTreeMap<i64, String>,
+    rows: usize,
+    bytes: usize,
+}
+
+struct Logged {
+    first_n: i64,
+    /// Where its rows are in the log.
+    rows: Vec<i64>,
+    bytes: usize,
+}
+
+thread_local! {
+    static WRITERS: RefCell<HashMap<String, Writer>> = RefCell::new(HashMap::new());
+}
+
+/// The writer state of `owner` in this plugin instance; the first time, whatever `owner`
+/// left in the log before (another process, or this one before its plugin was recreated)
+/// is folded first, and this instance logs from past its highest row.
+fn writer<'a>(writers: &'a mut HashMap<String, Writer>, owner: &str) -> Result<&'a mut Writer, StoreError> {
+    if !writers.contains_key(owner) {
+        let top = sql::query("SELECT max(n) FROM log WHERE writer = ?1", &[Value::Text(owner.to_string())]).map_err(store_error)?;
+        let first_n = top.first().map_or(0, |r| int(&r[0]) as i64) + 1;
+        fold_writer(owner)?;
+        let literal = format!("'{}'", owner.replace('\'', "''"));
+        let w = Writer {
+            log_sql: LOG_EVENT.replace("{writer}", &literal),
+            fold_sql: FOLD_EVENT.replace("{writer}", &literal),
+            first_n,
+            next_n: first_n,
+            cut_below: first_n,
+            chats: HashMap::new(),
+            oldest: BTreeMap::new(),
+            rows: 0,
+            bytes: 0,
+        };
+        writers.insert(owner.to_string(), w);
+    }
+    Ok(writers.get_mut(owner).unwrap())
+}
+
+fn fold_writer(writer: &str) -> Result<(), StoreError> {
+    let w = vec![vec![Value::Text(writer.to_string())]];
+    let statements = [
+        Statement { sql: FOLD_WRITER.to_string(), rows: w.clone() },
+        Statement { sql: DROP_WRITER.to_string(), rows: w },
+    ];
+    sql::transaction(&statements).map(drop).map_err(store_error)
+}
+
+/// One transaction for all deltas: their events appended to the log, the chats due folded
+/// into `events`, the log's folded prefix cut. The chat row is written only when the chat's
+/// metadata changed (the host sends `meta` then): rewriting it on every message would dirty a
+/// second page per chat per commit. Event rows carry their own epoch fence.
 pub fn save(deltas: &[ChatDelta]) -> Vec<Result<(), StoreError>> {
+    let Some(owner) = deltas.first().map(|d| d.owner.clone()) else { return Vec::new() };
+    if let Some(other) = deltas.iter().find(|d| d.owner != owner) {
+        let e = StoreError::Invalid(format!("one save carries two writers: {owner} and {}", other.owner));
+        return deltas.iter().map(|_| Err(e.clone())).collect();
+    }
+    WRITERS.with_borrow_mut(|writers| match writer(writers, &owner) {
+        Ok(w) => save_as(w, &owner, deltas),
+        Err(e) => deltas.iter().map(|_| Err(e.clone())).collect(),
+    })
+}
+
+fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), StoreError>> {
     let mut chats = Vec::new();
     let mut events = Vec::new();
     // Per delta: which row of which statement tells whether its epoch was current.
     let mut fence = Vec::with_capacity(deltas.len());
+    let mut n = w.next_n;
+    // Chats whose logged rows reach CHAT_ROWS with this save's: folded now.
+    let mut due: Vec<String> = Vec::new();
     for delta in deltas {
         if let Some(meta) = &delta.meta {
             fence.push(Some((0, chats.len())));
@@ -90,31 +220,126 @@ pub fn save(deltas: &[ChatDelta]) -> Vec<Result<(), StoreError>> {
         for event in &delta.events {
             let mut row = event_row(&delta.chat_id, event);
             row.push(Value::Integer(delta.epoch as i64));
-            row.push(Value::Text(delta.owner.clone()));
+            row.push(Value::Integer(n));
+            n += 1;
             events.push(row);
         }
+        if let Some(logged) = w.chats.get(&delta.chat_id)
+            && logged.rows.len() + delta.events.len() >= CHAT_ROWS
+            && !due.contains(&delta.chat_id)
+        {
+            due.push(delta.chat_id.clone());
+        }
     }
-    let statements = [
+    // Then the chats holding the oldest rows, while the log would outgrow its bounds.
+    let (mut rows, mut bytes) = (w.rows + events.len(), w.bytes + events.iter().map(|r| row_bytes(&r[..8])).sum::<usize>());
+    for chat in &due {
+        let logged = &w.chats[chat];
+        (rows, bytes) = (rows - logged.rows.len(), bytes - logged.bytes);
+    }
+    let mut oldest = w.oldest.values();
+    while rows > LOG_ROWS || bytes > LOG_BYTES {
+        let Some(chat) = oldest.next() else { break };
+        if !due.contains(chat) {
+            let logged = &w.chats[chat];
+            (rows, bytes) = (rows - logged.rows.len(), bytes - logged.bytes);
+            due.push(chat.clone());
+        }
+    }
+    let folded: Vec<(String, Logged)> = due.iter().map(|c| w.chats.remove_entry(c).unwrap()).collect();
+    for (_, logged) in &folded {
+        w.oldest.remove(&logged.first_n);
+    }
+    // Below the oldest row still unfolded, every row this instance logged is in `events`.
+    let cut_below = w.oldest.keys().next().copied().unwrap_or(w.next_n);
+    let mut statements = vec![
         Statement { sql: UPSERT_CHAT.to_string(), rows: chats },
-        Statement { sql: INSERT_EVENT.to_string(), rows: events },
+        Statement { sql: w.log_sql.clone(), rows: events },
     ];
-    match sql::transaction(&statements) {
-        Ok(changed) => fence
-            .iter()
-            .zip(deltas)
-            .map(|(fence, delta)| match fence {
-                Some((statement, row)) if changed[*statement][*row] != 1 => Err(StoreError::StaleEpoch(format!(
-                    "chat {} has moved past epoch {}",
-                    delta.chat_id, delta.epoch
-                ))),
-                _ => Ok(()),
-            })
-            .collect(),
+    if !folded.is_empty() {
+        let rows = folded.iter().flat_map(|(_, l)| l.rows.iter().map(|&n| vec![Value::Integer(n)])).collect();
+        statements.push(Statement { sql: w.fold_sql.clone(), rows });
+    }
+    if cut_below > w.cut_below {
+        let rows = vec![vec![Value::Text(owner.to_string()), Value::Integer(w.first_n), Value::Integer(cut_below)]];
+        statements.push(Statement { sql: CUT_LOG.to_string(), rows });
+    }
+    let result = sql::transaction(&statements);
+    let events = statements.swap_remove(1).rows;
+    match result {
+        Ok(changed) => {
+            w.next_n = n;
+            w.cut_below = w.cut_below.max(cut_below);
+            for (_, logged) in &folded {
+                w.rows -= logged.rows.len();
+                w.bytes -= logged.bytes;
+            }
+            let mut events = events.into_iter();
+            fence
+                .iter()
+                .zip(deltas)
+                .map(|(fence, delta)| {
+                    let mut rows = events.by_ref().take(delta.events.len());
+                    match fence {
+                        Some((statement, row)) if changed[*statement][*row] != 1 => Err(StoreError::StaleEpoch(format!(
+                            "chat {} has moved past epoch {}",
+                            delta.chat_id, delta.epoch
+                        ))),
+                        _ => {
+                            rows.by_ref().for_each(|row| w.remember(&delta.chat_id, row));
+                            Ok(())
+                        }
+                    }
+                })
+                .collect()
+        }
         Err(e) => {
+            // Nothing was written: the folded chats are still only logged.
+            for (chat, logged) in folded {
+                w.oldest.insert(logged.first_n, chat.clone());
+                w.chats.insert(chat, logged);
+            }
             let e = store_error(e);
             deltas.iter().map(|_| Err(e.clone())).collect()
         }
     }
+}
+
+impl Writer {
+    /// Keeps a row just logged (with its fence and position parameters) for its chat's fold.
+    fn remember(&mut self, chat_id: &str, row: Vec<Value>) {
+        let Value::Integer(n) = row[9] else { unreachable!("the log row's n") };
+        let bytes = row_bytes(&row[..8]);
+        let logged = match self.chats.get_mut(chat_id) {
+            Some(l) => l,
+            None => {
+                self.oldest.insert(n, chat_id.to_string());
+                self.chats.entry(chat_id.to_string()).or_insert(Logged { first_n: n, rows: Vec::new(), bytes: 0 })
+            }
+        };
+        logged.rows.push(n);
+        logged.bytes += bytes;
+        self.rows += 1;
+        self.bytes += bytes;
+    }
+
+    /// Forgets a purged chat's logged rows: nothing will read them again.
+    fn forget(&mut self, chat_id: &str) {
+        if let Some(logged) = self.chats.remove(chat_id) {
+            self.oldest.remove(&logged.first_n);
+            self.rows -= logged.rows.len();
+            self.bytes -= logged.bytes;
+        }
+    }
+}
+
+fn row_bytes(row: &[Value]) -> usize {
+    row.iter()
+        .map(|v| match v {
+            Value::Text(s) => s.len(),
+            _ => 8,
+        })
+        .sum()
 }
 
 pub fn renew_lease(instance_id: &str, incarnation: &str, address: &str, now_ms: u64, ttl_ms: u64) -> Result<Vec<Member>, StoreError> {
@@ -158,6 +383,9 @@ pub fn locate(chat_id: &str) -> Result<Option<Location>, StoreError> {
 }
 
 pub fn claim(owner: &str, requests: &[ClaimRequest], now_ms: u64) -> Vec<Result<ClaimOutcome, StoreError>> {
+    if let Err(e) = fold_left_behind(owner, now_ms) {
+        return requests.iter().map(|_| Err(e.clone())).collect();
+    }
     let rows = requests
         .iter()
         .map(|r| {
@@ -183,6 +411,21 @@ pub fn claim(owner: &str, requests: &[ClaimRequest], now_ms: u64) -> Vec<Result<
         .collect()
 }
 
+/// Before a claim: the claimer's own rows from before this plugin instance, and the rows of
+/// every writer whose lease ran out, are folded, so loads after a failover scan a short log.
+fn fold_left_behind(owner: &str, now_ms: u64) -> Result<(), StoreError> {
+    let dead = sql::query(
+        "SELECT instance_id FROM members WHERE lease_expires_ms <= ?1 AND instance_id != ?2
+            AND EXISTS (SELECT 1 FROM log WHERE writer = members.instance_id)",
+        &[Value::Integer(now_ms as i64), Value::Text(owner.to_string())],
+    )
+    .map_err(store_error)?;
+    WRITERS.with_borrow_mut(|writers| {
+        writer(writers, owner)?;
+        dead.iter().map(|r| text(&r[0])).filter(|w| !writers.contains_key(w)).try_for_each(|w| fold_writer(&w))
+    })
+}
+
 /// Why a claim changed nothing: the epoch moved on, or the owner's lease is live.
 fn refusal(r: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
     let rows = sql::query(
@@ -198,23 +441,69 @@ fn refusal(r: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
     }
 }
 
-pub fn load(chat_id: &str) -> Result<Option<Transcript>, StoreError> {
-    let id = [Value::Text(chat_id.to_string())];
-    let finals = sql::query("SELECT epoch, meta FROM final_chats WHERE chat_id = ?1", &id).map_err(store_error)?;
-    let (table, epoch, state, meta) = if let Some(row) = finals.into_iter().next() {
-        ("final_events", int(&row[0]), ChatState::Closed, text(&row[1]))
-    } else {
-        let live = sql::query("SELECT epoch, state, meta FROM chats WHERE chat_id = ?1", &id).map_err(store_error)?;
-        let Some(row) = live.into_iter().next() else { return Ok(None) };
-        ("events", int(&row[0]), parse_state(&text(&row[1])), text(&row[2]))
+/// Loads many chats with one query per table, so a wave of restores scans the log once.
+pub fn load(chat_ids: &[String]) -> Vec<Result<Option<Transcript>, StoreError>> {
+    let mut loaded = Vec::with_capacity(chat_ids.len());
+    for chunk in chat_ids.chunks(500) {
+        match load_chunk(chunk) {
+            Ok(transcripts) => loaded.extend(transcripts.into_iter().map(Ok)),
+            Err(e) => loaded.extend(chunk.iter().map(|_| Err(e.clone()))),
+        }
+    }
+    loaded
+}
+
+fn load_chunk(chat_ids: &[String]) -> Result<Vec<Option<Transcript>>, StoreError> {
+    let query = |sql: &str, ids: &[&String]| {
+        let list = (1..=ids.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+        let params: Vec<Value> = ids.iter().map(|id| Value::Text(id.to_string())).collect();
+        sql::query(&sql.replace("{ids}", &list), &params).map_err(store_error)
     };
-    let rows = sql::query(
-        &format!("SELECT {EVENT_COLUMNS} FROM {table} WHERE chat_id = ?1 ORDER BY seq"),
-        &id,
-    )
-    .map_err(store_error)?;
-    let events = rows.iter().map(|r| event_from_row(r)).collect();
-    Ok(Some(Transcript { chat_id: chat_id.to_string(), epoch, state, meta, events }))
+    let all: Vec<&String> = chat_ids.iter().collect();
+    // A closed chat's final transcript wins over what is left of its intermediate one.
+    let mut chats: HashMap<String, Transcript> = HashMap::new();
+    for r in query("SELECT chat_id, epoch, meta FROM final_chats WHERE chat_id IN ({ids})", &all)? {
+        let t = Transcript { chat_id: text(&r[0]), epoch: int(&r[1]), state: ChatState::Closed, meta: text(&r[2]), events: Vec::new() };
+        chats.insert(t.chat_id.clone(), t);
+    }
+    let finals: Vec<String> = chats.keys().cloned().collect();
+    let mut live = Vec::new();
+    for r in query("SELECT chat_id, epoch, state, meta FROM chats WHERE chat_id IN ({ids})", &all)? {
+        let t = Transcript { chat_id: text(&r[0]), epoch: int(&r[1]), state: parse_state(&text(&r[2])), meta: text(&r[3]), events: Vec::new() };
+        if !chats.contains_key(&t.chat_id) {
+            live.push(t.chat_id.clone());
+            chats.insert(t.chat_id.clone(), t);
+        }
+    }
+    let mut rows = Vec::new();
+    if !finals.is_empty() {
+        rows = query(&format!("SELECT chat_id, {EVENT_COLUMNS} FROM final_events WHERE chat_id IN ({{ids}})"), &finals.iter().collect::<Vec<_>>())?;
+    }
+    if !live.is_empty() {
+        // Folded and logged rows in one statement, so one snapshot: a fold moves rows from the
+        // log to `events` in one transaction, and this sees them on one side or the other. The
+        // log has no index by chat (that would dirty a page per chat again): it is scanned once
+        // per call, which is why loads come in batches and only chats that exist get here.
+        rows.extend(query(
+            &format!(
+                "SELECT chat_id, {EVENT_COLUMNS} FROM events WHERE chat_id IN ({{ids}})
+                 UNION ALL SELECT chat_id, {EVENT_COLUMNS} FROM log WHERE chat_id IN ({{ids}})"
+            ),
+            &live.iter().collect::<Vec<_>>(),
+        )?);
+    }
+    for r in &rows {
+        if let Some(t) = chats.get_mut(&text(&r[0])) {
+            t.events.push(event_from_row(&r[1..]));
+        }
+    }
+    // A resent event may be logged twice, and folded as well: the first row of a seq stays.
+    for t in chats.values_mut() {
+        t.events.sort_by_key(|e| e.seq);
+        t.events.dedup_by_key(|e| e.seq);
+    }
+    // The same chat may be asked for twice in one batch.
+    Ok(chat_ids.iter().map(|id| chats.get(id).cloned()).collect())
 }
 
 pub fn save_final(t: &Transcript) -> Result<(), StoreError> {
@@ -244,7 +533,10 @@ pub fn purge(chat_id: &str) -> Result<(), StoreError> {
         Statement { sql: "DELETE FROM events WHERE chat_id = ?1".to_string(), rows: id.clone() },
         Statement { sql: "DELETE FROM chats WHERE chat_id = ?1".to_string(), rows: id },
     ];
-    sql::transaction(&statements).map(drop).map_err(store_error)
+    sql::transaction(&statements).map_err(store_error)?;
+    // Its logged rows are cut with the rest; nothing reads them again.
+    WRITERS.with_borrow_mut(|writers| writers.values_mut().for_each(|w| w.forget(chat_id)));
+    Ok(())
 }
 
 fn event_row(chat_id: &str, e: &Event) -> Vec<Value> {
