@@ -200,6 +200,8 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
     // Per delta: which row of which statement tells whether its epoch was current.
     let mut fence = Vec::with_capacity(deltas.len());
     let mut n = w.next_n;
+    // Each event's place in the log and its text bytes, remembered once the commit succeeded.
+    let mut placed = Vec::new();
     // Chats whose logged rows reach CHAT_ROWS with this save's: folded now.
     let mut due: Vec<String> = Vec::new();
     for delta in deltas {
@@ -219,6 +221,7 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
         }
         for event in &delta.events {
             let mut row = event_row(&delta.chat_id, event);
+            placed.push((n, row_bytes(&row)));
             row.push(Value::Integer(delta.epoch as i64));
             row.push(Value::Integer(n));
             n += 1;
@@ -232,7 +235,7 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
         }
     }
     // Then the chats holding the oldest rows, while the log would outgrow its bounds.
-    let (mut rows, mut bytes) = (w.rows + events.len(), w.bytes + events.iter().map(|r| row_bytes(&r[..8])).sum::<usize>());
+    let (mut rows, mut bytes) = (w.rows + placed.len(), w.bytes + placed.iter().map(|(_, b)| b).sum::<usize>());
     for chat in &due {
         let logged = &w.chats[chat];
         (rows, bytes) = (rows - logged.rows.len(), bytes - logged.bytes);
@@ -265,7 +268,6 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
         statements.push(Statement { sql: CUT_LOG.to_string(), rows });
     }
     let result = sql::transaction(&statements);
-    let events = statements.swap_remove(1).rows;
     match result {
         Ok(changed) => {
             w.next_n = n;
@@ -274,19 +276,19 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
                 w.rows -= logged.rows.len();
                 w.bytes -= logged.bytes;
             }
-            let mut events = events.into_iter();
+            let mut placed = placed.into_iter();
             fence
                 .iter()
                 .zip(deltas)
                 .map(|(fence, delta)| {
-                    let mut rows = events.by_ref().take(delta.events.len());
+                    let mut logged = placed.by_ref().take(delta.events.len());
                     match fence {
                         Some((statement, row)) if changed[*statement][*row] != 1 => Err(StoreError::StaleEpoch(format!(
                             "chat {} has moved past epoch {}",
                             delta.chat_id, delta.epoch
                         ))),
                         _ => {
-                            rows.by_ref().for_each(|row| w.remember(&delta.chat_id, row));
+                            logged.by_ref().for_each(|(n, bytes)| w.remember(&delta.chat_id, n, bytes));
                             Ok(())
                         }
                     }
@@ -306,10 +308,8 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
 }
 
 impl Writer {
-    /// Keeps a row just logged (with its fence and position parameters) for its chat's fold.
-    fn remember(&mut self, chat_id: &str, row: Vec<Value>) {
-        let Value::Integer(n) = row[9] else { unreachable!("the log row's n") };
-        let bytes = row_bytes(&row[..8]);
+    /// Keeps where a row was just logged, and its text bytes, for its chat's fold.
+    fn remember(&mut self, chat_id: &str, n: i64, bytes: usize) {
         let logged = match self.chats.get_mut(chat_id) {
             Some(l) => l,
             None => {
