@@ -6,7 +6,9 @@
 //! keeps each chat's rows together for loads, dirties one page per chat). The store keeps the
 //! rows it logged in memory and copies ("folds") a chat's rows into `events` once it has
 //! `CHAT_ROWS` of them, or once it holds the oldest row of a log grown past `LOG_ROWS` or
-//! `LOG_BYTES`: one page for many events. Then it cuts the log's folded prefix. A load reads
+//! `LOG_BYTES`: one page for many events. Chats that reach `CHAT_ROWS` together (chats opened
+//! together, a wave of restores) are folded a few per commit, oldest first, so their folds
+//! spread over many commits instead of stalling one. Then it cuts the log's folded prefix. A load reads
 //! `events` and the log rows of its chat, so a chat reads the same before and after a fold,
 //! after a kill -9, and after a plugin instance was recreated.
 //!
@@ -16,7 +18,7 @@
 //! that made the host recreate the instance), and by a claim once that writer's lease ran out.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::exports::parley::plugin::store::{ChatDelta, ClaimOutcome, ClaimRequest, Location, Member, Settings, StoreError, Transcript};
 use crate::parley::plugin::sql::{self, SqlError, Statement, Value};
@@ -99,8 +101,10 @@ const DROP_WRITER: &str = "DELETE FROM log WHERE writer = ?1";
 /// Cuts the rows this plugin instance logged (from `?2` on) below its oldest unfolded row.
 const CUT_LOG: &str = "DELETE FROM log WHERE writer = ?1 AND n >= ?2 AND n < ?3";
 
-/// A chat is folded once it has this many logged rows...
+/// A chat is folded once it has this many logged rows (as many such rows per commit as
+/// `FOLD_PER_EVENT` times the events it logs, at least one chat's)...
 const CHAT_ROWS: usize = 32;
+const FOLD_PER_EVENT: usize = 2;
 /// ...or holds the oldest row while the log holds more than this many rows or text bytes.
 /// Together they bound what a load scans and what the plugin keeps in memory.
 const LOG_ROWS: usize = 16_384;
@@ -129,6 +133,8 @@ struct Writer {
     chats: HashMap<String, Logged>,
     /// Each chat with logged rows, by its oldest row's `n`.
     oldest: BTreeMap<i64, String>,
+    /// The oldest rows' `n` of the chats with `CHAT_ROWS` rows or more: due for a fold.
+    ripe: BTreeSet<i64>,
     rows: usize,
     bytes: usize,
 }
@@ -161,6 +167,7 @@ fn writer<'a>(writers: &'a mut HashMap<String, Writer>, owner: &str) -> Result<&
             cut_below: first_n,
             chats: HashMap::new(),
             oldest: BTreeMap::new(),
+            ripe: BTreeSet::new(),
             rows: 0,
             bytes: 0,
         };
@@ -202,8 +209,10 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
     let mut n = w.next_n;
     // Each event's place in the log and its text bytes, remembered once the commit succeeded.
     let mut placed = Vec::new();
-    // Chats whose logged rows reach CHAT_ROWS with this save's: folded now.
+    // Chats due for a fold: ripe ones, oldest first, then those this save's events make ripe,
+    // up to the budget; the rest wait for the next commits.
     let mut due: Vec<String> = Vec::new();
+    let mut ripening: Vec<&str> = Vec::new();
     for delta in deltas {
         if let Some(meta) = &delta.meta {
             fence.push(Some((0, chats.len())));
@@ -228,11 +237,22 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
             events.push(row);
         }
         if let Some(logged) = w.chats.get(&delta.chat_id)
+            && logged.rows.len() < CHAT_ROWS
             && logged.rows.len() + delta.events.len() >= CHAT_ROWS
-            && !due.contains(&delta.chat_id)
+            && !ripening.contains(&delta.chat_id.as_str())
         {
-            due.push(delta.chat_id.clone());
+            ripening.push(&delta.chat_id);
         }
+    }
+    let budget = CHAT_ROWS.max(FOLD_PER_EVENT * placed.len());
+    let mut folding = 0;
+    let ripe = w.ripe.iter().map(|n| w.oldest[n].as_str());
+    for chat in ripe.chain(ripening.iter().copied()) {
+        if folding >= budget {
+            break;
+        }
+        folding += w.chats[chat].rows.len();
+        due.push(chat.to_string());
     }
     // Then the chats holding the oldest rows, while the log would outgrow its bounds.
     let (mut rows, mut bytes) = (w.rows + placed.len(), w.bytes + placed.iter().map(|(_, b)| b).sum::<usize>());
@@ -252,6 +272,7 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
     let folded: Vec<(String, Logged)> = due.iter().map(|c| w.chats.remove_entry(c).unwrap()).collect();
     for (_, logged) in &folded {
         w.oldest.remove(&logged.first_n);
+        w.ripe.remove(&logged.first_n);
     }
     // Below the oldest row still unfolded, every row this instance logged is in `events`.
     let cut_below = w.oldest.keys().next().copied().unwrap_or(w.next_n);
@@ -299,6 +320,9 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
             // Nothing was written: the folded chats are still only logged.
             for (chat, logged) in folded {
                 w.oldest.insert(logged.first_n, chat.clone());
+                if logged.rows.len() >= CHAT_ROWS {
+                    w.ripe.insert(logged.first_n);
+                }
                 w.chats.insert(chat, logged);
             }
             let e = store_error(e);
@@ -319,6 +343,9 @@ impl Writer {
         };
         logged.rows.push(n);
         logged.bytes += bytes;
+        if logged.rows.len() == CHAT_ROWS {
+            self.ripe.insert(logged.first_n);
+        }
         self.rows += 1;
         self.bytes += bytes;
     }
@@ -327,6 +354,7 @@ impl Writer {
     fn forget(&mut self, chat_id: &str) {
         if let Some(logged) = self.chats.remove(chat_id) {
             self.oldest.remove(&logged.first_n);
+            self.ripe.remove(&logged.first_n);
             self.rows -= logged.rows.len();
             self.bytes -= logged.bytes;
         }
