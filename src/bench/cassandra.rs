@@ -67,6 +67,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 http2: 0,
                 synchronous: "full".into(),
                 config: deployment,
+                timeline: None,
             };
             Box::pin(super::run(bench)).await?;
         }

@@ -52,6 +52,10 @@ pub struct Options {
     /// section: its keyspace is created first). Overrides --synchronous.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Also write the ack latency per 100 ms of sending time to this CSV file (window start
+    /// ms, acks, p50, p99, max ms): a stall shows as a jump that drains, queueing as a drift.
+    #[arg(long)]
+    pub timeline: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -99,10 +103,16 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     for _ in 0..o.http2 {
         shared.push(Sender::connect_http2(Client::new(&target).authority()).await?);
     }
+    // Room for each chat's samples, written through before the clock starts (see `touched`).
+    let expected = match o.rate {
+        0 => 4096,
+        r => (r * o.seconds) as usize / o.chats.max(1) + 64,
+    };
+    let text = "x".repeat(o.text_bytes);
     let mut setup = tokio::task::JoinSet::new();
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
     for i in 0..o.chats {
-        let (target, agent_token, gate) = (target.clone(), agent_token.clone(), gate.clone());
+        let (target, agent_token, gate, text) = (target.clone(), agent_token.clone(), gate.clone(), text.clone());
         let h2 = (!shared.is_empty()).then(|| shared[i % shared.len()].clone());
         setup.spawn(async move {
             let _permit = gate.acquire().await;
@@ -110,12 +120,19 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             let created = c.post("/v1/chats", None, json!({"nickname": format!("customer{i}"), "subject": "bench"})).await?.ok()?;
             let chat_id = created["chat_id"].as_str().unwrap_or_default().to_string();
             let joined = c.post(&format!("/v1/chats/{chat_id}/join"), Some(&agent_token), json!({"nickname": format!("agent{i}")})).await?.ok()?;
-            // Connected now, so the measured window does not include 1,000 simultaneous connects.
-            let sender = match h2 {
+            // Connected now, and one message sent (the customer's first, acknowledged before the
+            // clock starts), so the measured window includes neither 1,000 simultaneous connects
+            // nor the server setting up 1,000 connections at their first request.
+            let mut sender = match h2 {
                 Some(h2) => Sender::Http2(h2),
                 None => Sender::connect(c.authority()).await?,
             };
-            Ok::<_, anyhow::Error>((c, sender, chat_id, created["token"].as_str().unwrap_or_default().to_string(), joined["token"].as_str().unwrap_or_default().to_string()))
+            let (customer, agent) = (created["token"].as_str().unwrap_or_default().to_string(), joined["token"].as_str().unwrap_or_default().to_string());
+            match sender.send_message(&mut String::new(), c.authority(), &chat_id, &customer, &text, 0).await? {
+                200 => {}
+                status => bail!("chat {chat_id}: the first message got {status}"),
+            }
+            Ok::<_, anyhow::Error>((c, sender, chat_id, customer, agent, touched(expected)))
         });
     }
     let mut chats = Vec::with_capacity(o.chats);
@@ -123,9 +140,9 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         chats.push(r??);
     }
 
-    let text = "x".repeat(o.text_bytes);
     let server_pid = own_server.as_ref().and_then(|(child, _)| child.id());
     let cpu_before = server_pid.map(CpuTime::of_threads);
+    let written_before = server_pid.map(written_bytes);
     let bench_before = CpuTime::of_threads(std::process::id());
     let kpi_before = kpi(&target).await;
     let acks_before = server_acks(&target).await;
@@ -133,15 +150,15 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut load = tokio::task::JoinSet::new();
     let interval = (o.rate > 0).then(|| Duration::from_secs_f64(o.chats as f64 / o.rate as f64));
-    for (i, (client, mut conn, chat_id, customer, agent)) in chats.into_iter().enumerate() {
+    for (i, (client, mut conn, chat_id, customer, agent, mut samples)) in chats.into_iter().enumerate() {
         let text = text.clone();
         // Spread the chats' schedules evenly over one interval.
         let mut next = tokio::time::Instant::now() + interval.map_or(Duration::ZERO, |iv| iv.mul_f64(i as f64 / o.chats as f64));
         let authority = client.authority().to_string();
         load.spawn(async move {
-            let mut latencies_us: Vec<u32> = Vec::with_capacity(4096);
             let mut errors = 0u64;
-            let mut n = 0u64;
+            // Message 0 was sent in the setup.
+            let mut n = 1u64;
             let mut request = String::with_capacity(512);
             while Instant::now() < deadline {
                 let token = if n % 2 == 0 { &customer } else { &agent };
@@ -155,7 +172,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                     None => Instant::now(),
                 };
                 match conn.send_message(&mut request, &authority, &chat_id, token, &text, n).await {
-                    Ok(200) => latencies_us.push(sent.elapsed().as_micros() as u32),
+                    Ok(200) => samples.push(Sample { sent_us: (sent - started).as_micros() as u32, latency_us: sent.elapsed().as_micros() as u32 }),
                     Ok(_) => errors += 1,
                     Err(_) => {
                         errors += 1;
@@ -167,25 +184,31 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 }
                 n += 1;
             }
-            (client, chat_id, customer, latencies_us, errors)
+            (client, chat_id, customer, samples, errors)
         });
     }
     let mut all = Vec::new();
     let mut errors = 0;
     let mut finished = Vec::new();
     while let Some(r) = load.join_next().await {
-        let (client, chat_id, customer, lat, e) = r?;
+        let (client, chat_id, customer, samples, e) = r?;
         errors += e;
-        finished.push((client, chat_id, customer, lat.len()));
-        all.extend(lat);
+        finished.push((client, chat_id, customer, samples.len() + 1));
+        all.extend(samples);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = server_pid.zip(cpu_before).map(|(pid, before)| CpuTime::of_threads(pid).since(&before));
+    let written = server_pid.zip(written_before).map(|(pid, before)| written_bytes(pid).saturating_sub(before));
     let bench_cpu = CpuTime::of_threads(std::process::id()).since(&bench_before);
     let kpi_after = kpi(&target).await;
     let acks_after = server_acks(&target).await;
+    if let Some(path) = &o.timeline {
+        let worst = write_timeline(path, &mut all).with_context(|| format!("writing {}", path.display()))?;
+        println!("timeline:              {}; worst 100 ms: p99 {:.2} ms from {} ms on", path.display(), worst.1, worst.0);
+    }
+    let mut all: Vec<u32> = all.iter().map(|s| s.latency_us).collect();
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
+    let pct = |p: f64| percentile(&all, p);
     println!("acknowledged messages: {}  errors: {errors}", all.len());
     println!("durable messages/s:    {:.0}", all.len() as f64 / elapsed);
     println!("ack latency ms:        p50 {:.2}  p99 {:.2}  max {:.2}", pct(0.50), pct(0.99), pct(1.0));
@@ -214,6 +237,9 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         println!("server CPU µs/message: {:.0} ({})", per_message(cpu.iter().map(|(_, s)| s).sum()), threads.join(", "));
     }
     println!("load generator CPU:    {:.0} µs/message", per_message(bench_cpu.iter().map(|(_, s)| s).sum()));
+    if let Some(bytes) = written {
+        println!("server disk writes:    {:.1} KB/message", bytes as f64 / 1000.0 / all.len().max(1) as f64);
+    }
 
     // Every acknowledged message must be in its transcript exactly once.
     let mut checked = 0;
@@ -259,6 +285,58 @@ impl CpuTime {
         used.sort_by(|a, b| b.1.total_cmp(&a.1));
         used
     }
+}
+
+/// One acknowledged message: when it was due (µs into the measured window) and how long its
+/// ack took from then.
+#[derive(Clone, Copy)]
+struct Sample {
+    sent_us: u32,
+    latency_us: u32,
+}
+
+/// An empty buffer for `capacity` samples whose memory is written through now: the first touch
+/// of a fresh page costs a page fault, and for 1,000 chats' buffers that took both cores for
+/// ~100 ms at the start of the measured window, counted as ack latency.
+fn touched(capacity: usize) -> Vec<Sample> {
+    let mut buffer = vec![Sample { sent_us: u32::MAX, latency_us: u32::MAX }; capacity];
+    buffer.clear();
+    buffer
+}
+
+/// The value below which a share `p` of the sorted latencies (µs) lie, in ms.
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0
+}
+
+/// Writes the latency per 100 ms window of sending time; the worst window's start (ms) and p99.
+fn write_timeline(path: &std::path::Path, samples: &mut [Sample]) -> std::io::Result<(u32, f64)> {
+    use std::io::Write;
+    samples.sort_unstable_by_key(|s| s.sent_us);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(out, "window_ms,acks,p50_ms,p99_ms,max_ms")?;
+    let mut worst = (0, 0.0);
+    for window in samples.chunk_by(|a, b| a.sent_us / 100_000 == b.sent_us / 100_000) {
+        let start = window[0].sent_us / 100_000 * 100;
+        let mut latencies: Vec<u32> = window.iter().map(|s| s.latency_us).collect();
+        latencies.sort_unstable();
+        let p99 = percentile(&latencies, 0.99);
+        if p99 > worst.1 {
+            worst = (start, p99);
+        }
+        writeln!(out, "{start},{},{:.2},{p99:.2},{:.2}", latencies.len(), percentile(&latencies, 0.5), percentile(&latencies, 1.0))?;
+    }
+    out.flush()?;
+    Ok(worst)
+}
+
+/// Bytes a process caused to be written to storage so far (`write_bytes` of `/proc/<pid>/io`:
+/// the WAL, checkpoints into the database file); 0 where unreadable.
+fn written_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|io| io.lines().find_map(|l| l.strip_prefix("write_bytes:").and_then(|v| v.trim().parse().ok())))
+        .unwrap_or(0)
 }
 
 /// The instance's KPI counters (empty if it does not answer).
