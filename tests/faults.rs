@@ -381,3 +381,63 @@ async fn messages_outlive_a_recreated_store_plugin_and_kill_9() {
     customer.moved_to(&server);
     assert_eq!(messages(&customer.transcript().await), acked, "and again after a second kill -9");
 }
+
+/// Chats opened together fill up together: they reach the SQLite store's fold threshold in the
+/// same commits, and the store folds them a few per commit, oldest first, so for a while many
+/// chats hold more logged rows than the threshold. A kill -9 while they wait, and another one
+/// later: every chat's transcript is exactly its acknowledged messages, once and in order, and
+/// the store plugin never faulted (a trap is survived by recreating the instance, which would
+/// hide a broken fold from the participants, not from the operator's log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chats_filling_up_together_are_intact_after_kill_9() {
+    let data = Scratch::new("fill-together");
+    let config = data.deployment("[limits]\nmessages_per_second = 0\n");
+    let log = |n: usize| data.path().join(format!("serve{n}.log"));
+    let no_fault = |n: usize| {
+        let text = std::fs::read_to_string(log(n)).unwrap();
+        assert!(!text.contains("plugin.fault"), "instance {n} logged a plugin fault:\n{text}");
+    };
+    let server = Server::start_logged(data.path(), Some(&config), &log(1));
+    let mut chats = Vec::new();
+    for i in 0..150 {
+        chats.push((open_chat(&server, &format!("c{i}")).await.0, Vec::new()));
+    }
+    // Round by round every chat sends its next message at once: commits of ~150 events, each
+    // folding about twice as many rows as it logs while 150 chats are due.
+    let rounds = async |chats: Vec<(Participant, Vec<(u64, String)>)>, rounds: std::ops::Range<usize>| {
+        let mut chats = chats;
+        for m in rounds {
+            let sends = chats.into_iter().map(|(mut customer, mut acked)| async move {
+                let text = format!("m{m}");
+                let r = customer.send(&text, &text).await;
+                assert_eq!(r.status, 200, "chat {} {text}: {:?}", customer.chat_id, r.body);
+                acked.push((r.body["seq"].as_u64().unwrap(), text));
+                (customer, acked)
+            });
+            chats = futures_util::future::join_all(sends).await;
+        }
+        chats
+    };
+    let check = async |server: &Server, chats: &mut Vec<(Participant, Vec<(u64, String)>)>| {
+        for (customer, acked) in chats.iter_mut() {
+            customer.moved_to(server);
+            let restored = customer.transcript().await;
+            scenarios::assert_dense(&restored);
+            assert_eq!(&messages(&restored), acked, "chat {}", customer.chat_id);
+        }
+    };
+    // The chats' logged rows pass 32 at about the 30th message.
+    let mut chats = rounds(chats, 0..36).await;
+    server.kill9();
+    no_fault(1);
+
+    let server = Server::start_logged(data.path(), Some(&config), &log(2));
+    check(&server, &mut chats).await;
+    let mut chats = rounds(chats, 36..70).await;
+    server.kill9();
+    no_fault(2);
+
+    let server = Server::start_logged(data.path(), Some(&config), &log(3));
+    check(&server, &mut chats).await;
+    no_fault(3);
+}
