@@ -76,6 +76,8 @@ pub struct Cluster {
     renew_ms: u64,
     /// Whether this instance has held its lease without a gap since it last dropped its chats.
     held: std::sync::atomic::AtomicBool,
+    /// The renewing task, stopped before the lease is given up (see `leave`).
+    renewing: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     peers: RwLock<HashMap<String, Peer>>,
     secret: String,
     store: StoreSlot,
@@ -101,6 +103,7 @@ impl Cluster {
             lease_ms: settings.lease_ms,
             renew_ms: settings.renew_ms,
             held: std::sync::atomic::AtomicBool::new(false),
+            renewing: std::sync::Mutex::new(None),
             peers: RwLock::new(HashMap::new()),
             secret,
             store,
@@ -128,7 +131,7 @@ impl Cluster {
     /// before the renewed lease lets writing resume.
     pub fn keep_renewing(self: &Arc<Self>, on_lapse: impl Fn() + Send + Sync + 'static) {
         let cluster = self.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(cluster.renew_ms));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -138,6 +141,7 @@ impl Cluster {
                 }
             }
         });
+        *self.renewing.lock().unwrap() = Some(task);
     }
 
     async fn renew(&self, on_lapse: &(dyn Fn() + Send + Sync)) -> Result<(), String> {
@@ -175,6 +179,15 @@ impl Cluster {
     /// at once instead of waiting for the lease to run out.
     pub async fn leave(&self) {
         self.lease.end();
+        // A renewal sent after the release would take the lease again, by the same incarnation,
+        // for a whole lease: the chats would wait for it to run out. Stop the renewing task and
+        // wait until it has stopped, so any renewal it sent is in the store's queue before the
+        // release (the store answers them in order).
+        let renewing = self.renewing.lock().unwrap().take();
+        if let Some(task) = renewing {
+            task.abort();
+            let _ = task.await;
+        }
         if let Err(e) = self.store.release_lease(&self.instance_id, &self.incarnation).await {
             warn!(event_id = "lease.release_failed", cause = %e, "could not release the lease; it runs out by itself");
         }
