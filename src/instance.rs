@@ -104,7 +104,8 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
     let weak = Arc::downgrade(&app);
     cluster.keep_renewing(move || {
         if let Some(app) = weak.upgrade() {
-            app.chats.abandon_all();
+            let dropped = app.chats.abandon_all();
+            tokio::spawn(async move { app.chats.take_back(dropped).await });
         }
     });
     Ok(Started { app, listener })

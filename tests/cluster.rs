@@ -456,3 +456,44 @@ async fn retried_creates_and_joins_open_nothing_twice() {
     let data = Scratch::new("request-id");
     scenarios::retried_creates_and_joins_open_nothing_twice(cluster_of(3, &data, None)).await;
 }
+
+/// An instance stalled past its lease (SIGSTOP here; a VM pause or a disk that stops answering
+/// in real life) drops its chats when it comes back, since another instance may have restored
+/// them. Those nobody restored, it takes back at once: a customer who is still waiting in the
+/// queue, with no connection open, is in the agents' queue again within a second or two, not
+/// only once they write again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_stalled_past_its_lease_takes_its_waiting_chats_back() {
+    let data = Scratch::new("lapse");
+    let server = Server::start(data.path(), None);
+    let mut c = server.client();
+    let created = c.post("/v1/chats", None, json!({"nickname": "Bo", "subject": "waiting"})).await.unwrap().ok().unwrap();
+    let chat_id = created["chat_id"].as_str().unwrap().to_string();
+    let mut agent = server.client();
+    let queued = async |agent: &mut Client| -> Vec<String> {
+        let queue = agent.get("/v1/queue", Some(AGENT)).await.unwrap().ok().unwrap();
+        queue["chats"].as_array().unwrap().iter().map(|c| c["chat_id"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(queued(&mut agent).await, vec![chat_id.clone()]);
+
+    server.freeze();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    server.resume();
+    let resumed = Instant::now();
+    // First the instance finds its lease lapsed and drops the chat.
+    while server.kpi().await["chats_purged"].as_u64().unwrap() == 0 {
+        assert!(resumed.elapsed() < Duration::from_secs(5), "the lease lapsed and the chat was dropped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut seen = Vec::new();
+    while resumed.elapsed() < Duration::from_secs(5) {
+        seen = queued(&mut agent).await;
+        if !seen.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, vec![chat_id.clone()], "the waiting chat is back in the queue ({:?} after the stall)", resumed.elapsed());
+    let r = agent.post(&format!("/v1/chats/{chat_id}/join"), Some(AGENT), json!({"nickname": "Dana"})).await.unwrap();
+    assert_eq!(r.status, 200, "an agent joins it: {:?}", r.body);
+}

@@ -561,9 +561,11 @@ impl Chats {
     }
 
     /// Drops every chat at once, writing nothing more: this instance lost its lease, so
-    /// others may have restored them. Each comes back through a restore when asked for.
-    pub fn abandon_all(&self) {
+    /// others may have restored them. Each comes back through a restore when asked for (and
+    /// through `take_back`). Returns the ids of the chats dropped.
+    pub fn abandon_all(&self) -> Vec<String> {
         let handles: Vec<ChatHandle> = self.map.write().unwrap().drain().map(|(_, h)| h).collect();
+        let ids = handles.iter().map(|h| h.shared.id.to_string()).collect();
         for h in handles {
             h.shared.moved.send_replace(true);
             if let Err(tokio::sync::mpsc::error::TrySendError::Full(c)) = h.commands.try_send(Command::Abandon) {
@@ -571,6 +573,25 @@ impl Chats {
                 tokio::spawn(async move { commands.send(c).await });
             }
         }
+        ids
+    }
+
+    /// After a lapse (this instance was stalled past its lease and dropped its chats): once the
+    /// lease is live again, restores here each dropped chat that no other instance restored
+    /// meanwhile — the restore a request would start, as a workflow, so `restore.mode` and
+    /// `restore.allowed_initiators` apply and the claim decides any race. Without it, a chat
+    /// whose participants are not connected (a customer still waiting in the queue) would be
+    /// missing from every agent's queue until its customer came back.
+    pub async fn take_back(&self, chat_ids: Vec<String>) {
+        for _ in 0..100 {
+            if self.deps.cluster.lease.is_live() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let restores = chat_ids.iter().map(|id| self.locate(id, &Requester::Workflow, true));
+        let here = futures_util::future::join_all(restores).await.into_iter().filter(|r| matches!(r, Ok(Whereabouts::Here(_)))).count();
+        info!(event_id = "chats.taken_back", dropped = chat_ids.len(), restored_here = here, "restored the chats this instance dropped when its lease lapsed");
     }
 
     /// Chats on this instance still waiting for an agent, oldest first.
