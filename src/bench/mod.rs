@@ -5,6 +5,7 @@
 //! directory, so one command measures the whole path.
 
 mod cassandra;
+mod disk;
 mod failover;
 mod plugins;
 
@@ -68,6 +69,9 @@ pub enum Scenario {
     /// Messages/s and ack latency on the embedded store and on Cassandra in one run, and what
     /// cluster coordination (leases, claims) costs on each.
     Cassandra(cassandra::Options),
+    /// How long the disk takes to make a group commit durable (writes + fsync, back to back),
+    /// and the floor that puts under any ack latency objective.
+    Disk(disk::Options),
 }
 
 pub async fn run(o: Options) -> anyhow::Result<()> {
@@ -75,6 +79,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         Some(Scenario::Failover(f)) => return failover::run(f).await,
         Some(Scenario::Plugins(p)) => return plugins::run(p).await,
         Some(Scenario::Cassandra(c)) => return cassandra::run(c).await,
+        Some(Scenario::Disk(d)) => return tokio::task::spawn_blocking(move || disk::run(d)).await?,
         None => {}
     }
     let mut own_server = None;
@@ -145,7 +150,8 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let written_before = server_pid.map(written_bytes);
     let bench_before = CpuTime::of_threads(std::process::id());
     let kpi_before = kpi(&target).await;
-    let acks_before = server_acks(&target).await;
+    let acks_before = server_histogram(&target, "parley_message_ack_seconds").await;
+    let saves_before = server_histogram(&target, "parley_save_batch_seconds").await;
     let deadline = Instant::now() + Duration::from_secs(o.seconds);
     let started = Instant::now();
     let mut load = tokio::task::JoinSet::new();
@@ -201,7 +207,8 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let written = server_pid.zip(written_before).map(|(pid, before)| written_bytes(pid).saturating_sub(before));
     let bench_cpu = CpuTime::of_threads(std::process::id()).since(&bench_before);
     let kpi_after = kpi(&target).await;
-    let acks_after = server_acks(&target).await;
+    let acks_after = server_histogram(&target, "parley_message_ack_seconds").await;
+    let saves_after = server_histogram(&target, "parley_save_batch_seconds").await;
     if let Some(path) = &o.timeline {
         let worst = write_timeline(path, &mut all).with_context(|| format!("writing {}", path.display()))?;
         println!("timeline:              {}; worst 100 ms: p99 {:.2} ms from {} ms on", path.display(), worst.1, worst.0);
@@ -228,6 +235,13 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             delta("save_failures"),
             delta("writes_fenced")
         );
+        // Every message waiting meanwhile waits for a slow commit: a few of them set the p99.
+        // `parley bench disk` tells how many the disk alone causes.
+        let slow = |over: f64| {
+            let below = saves_after.iter().zip(&saves_before).filter(|((le, _), _)| *le <= over).map(|((_, a), (_, b))| a - b).max().unwrap_or(0);
+            batches.saturating_sub(below)
+        };
+        println!("  slower than 20 / 50 / 100 ms: {} / {} / {} (histogram buckets)", slow(0.02), slow(0.05), slow(0.1));
     }
     // Where the CPU went, per acknowledged message: the two cores are shared by the server's
     // threads and the load generator, so this is what bounds throughput.
@@ -350,12 +364,13 @@ async fn kpi(target: &str) -> serde_json::Value {
 
 /// The instance's cumulative ack-latency histogram: (bucket bound in seconds, count), the
 /// last bucket unbounded; empty if it does not answer.
-async fn server_acks(target: &str) -> Vec<(f64, u64)> {
+/// A latency histogram of the server's /metrics: (bucket bound in seconds, cumulative count).
+async fn server_histogram(target: &str, name: &str) -> Vec<(f64, u64)> {
     let mut c = Client::new(target);
     let Ok(r) = c.get("/metrics", None).await else { return Vec::new() };
     let Some(text) = r.body.as_str() else { return Vec::new() };
     text.lines()
-        .filter(|l| l.starts_with("parley_message_ack_seconds_bucket"))
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with("_bucket")))
         .filter_map(|l| {
             let le = l.split("le=\"").nth(1)?.split('"').next()?;
             let count = l.rsplit(' ').next()?.parse().ok()?;
