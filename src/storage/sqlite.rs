@@ -320,6 +320,7 @@ fn checkpoint(conn: &Connection, gate: &WriteGate, path: &Path) -> Result<(), ru
 /// A connection with the pragmas every connection to the file uses; `checkpointed`: a
 /// checkpoint thread runs for the file, so commits leave the WAL to it.
 fn connection(path: &Path, synchronous: Synchronous, busy_timeout: Duration, checkpointed: bool) -> Result<Connection, rusqlite::Error> {
+    super::page_cache::install();
     let conn = Connection::open(path)?;
     conn.busy_timeout(busy_timeout)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
