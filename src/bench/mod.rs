@@ -238,10 +238,12 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         // Every message waiting meanwhile waits for a slow commit: a few of them set the p99.
         // `parley bench disk` tells how many the disk alone causes.
         let slow = |over: f64| {
-            let below = saves_after.iter().zip(&saves_before).filter(|((le, _), _)| *le <= over).map(|((_, a), (_, b))| a - b).max().unwrap_or(0);
+            let below = saves_after.iter().zip(&saves_before).filter(|((le, _), _)| *le <= over).map(|((_, a), (_, b))| a.saturating_sub(*b)).max().unwrap_or(0);
             batches.saturating_sub(below)
         };
-        println!("  slower than 20 / 50 / 100 ms: {} / {} / {} (histogram buckets)", slow(0.02), slow(0.05), slow(0.1));
+        if !saves_before.is_empty() && saves_before.len() == saves_after.len() {
+            println!("  slower than 20 / 50 / 100 ms: {} / {} / {} (histogram buckets)", slow(0.02), slow(0.05), slow(0.1));
+        }
     }
     // Where the CPU went, per acknowledged message: the two cores are shared by the server's
     // threads and the load generator, so this is what bounds throughput.
@@ -362,9 +364,8 @@ async fn kpi(target: &str) -> serde_json::Value {
     }
 }
 
-/// The instance's cumulative ack-latency histogram: (bucket bound in seconds, count), the
+/// One of the instance's cumulative latency histograms: (bucket bound in seconds, count), the
 /// last bucket unbounded; empty if it does not answer.
-/// A latency histogram of the server's /metrics: (bucket bound in seconds, cumulative count).
 async fn server_histogram(target: &str, name: &str) -> Vec<(f64, u64)> {
     let mut c = Client::new(target);
     let Ok(r) = c.get("/metrics", None).await else { return Vec::new() };

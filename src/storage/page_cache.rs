@@ -19,13 +19,13 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 /// SQLite's default page cache methods.
-struct Default(ffi::sqlite3_pcache_methods2);
+struct DefaultMethods(ffi::sqlite3_pcache_methods2);
 // SAFETY: the methods table is copied once at start and only read after; SQLite itself shares
 // it between all connections of the process.
-unsafe impl Sync for Default {}
-unsafe impl Send for Default {}
+unsafe impl Sync for DefaultMethods {}
+unsafe impl Send for DefaultMethods {}
 
-static DEFAULT: OnceLock<Default> = OnceLock::new();
+static DEFAULT: OnceLock<DefaultMethods> = OnceLock::new();
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// Truncations not passed on (for the test).
 #[cfg(test)]
@@ -54,7 +54,7 @@ pub fn install() {
             if ffi::sqlite3_config(ffi::SQLITE_CONFIG_GETPCACHE2, &mut methods as *mut ffi::sqlite3_pcache_methods2) != ffi::SQLITE_OK {
                 return;
             }
-            if DEFAULT.set(Default(methods)).is_err() {
+            if DEFAULT.set(DefaultMethods(methods)).is_err() {
                 return;
             }
             let wrapped = ffi::sqlite3_pcache_methods2 {
