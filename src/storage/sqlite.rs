@@ -3,7 +3,7 @@
 //! prepared once and cached, and a `transaction` call is one SQLite transaction, so one group
 //! commit is one fsync.
 //!
-//! Three things the host does for every connection to the file, because SQLite alone would not:
+//! Four things the host does for every connection to the file, because SQLite alone would not:
 //! - All write transactions of the process go through one shared writer connection. In WAL
 //!   mode a connection drops its whole page cache whenever another connection has committed
 //!   since its last transaction: with the lease renewals on a connection of their own, the
@@ -14,6 +14,8 @@
 //!   lateness fences the whole instance.
 //! - WAL checkpoints run on a thread of their own (`keep_checkpointing`), not inside whichever
 //!   commit crosses the autocheckpoint size: a passive checkpoint runs beside the writer.
+//! - SQLite's page cache is wrapped (`page_cache`) so that a commit after a page split does
+//!   not walk every cached page.
 
 use crate::config::Synchronous;
 use crate::plugins::bindings::sql::{SqlError, Statement, Value};
