@@ -35,7 +35,7 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
     let kpi = Arc::new(Kpi::default());
     let runtime = Runtime::new(data.join("plugin-cache"), kpi.clone()).map_err(|e| StartError::Other(format!("plugin runtime: {e:#}")))?;
     let mut database = DatabaseFile::new(data.join("parley.db"), deployment.sqlite.synchronous, Duration::from_millis(deployment.sqlite.busy_timeout_ms));
-    database.keep_checkpointing(Duration::from_millis(500)).map_err(|e| StartError::Other(format!("checkpoint thread: {e}")))?;
+    let checkpoints = database.checkpoint_apart();
 
     if let Some(c) = &deployment.cassandra {
         let session = crate::storage::cassandra::Cassandra::connect(c).await.map_err(StartError::Other)?;
@@ -108,6 +108,7 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
             tokio::spawn(async move { app.chats.take_back(dropped).await });
         }
     });
+    checkpoints.start(Duration::from_millis(500)).map_err(|e| StartError::Other(format!("checkpoint thread: {e}")))?;
     Ok(Started { app, listener })
 }
 

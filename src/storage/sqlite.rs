@@ -12,7 +12,7 @@
 //!   sleeps and retries, so a writer that commits back to back (the group commit under load)
 //!   can starve another one for seconds — and the starved one is the lease renewal, whose
 //!   lateness fences the whole instance.
-//! - WAL checkpoints run on a thread of their own (`keep_checkpointing`), not inside whichever
+//! - WAL checkpoints run on a thread of their own (`Checkpoints`), not inside whichever
 //!   commit crosses the autocheckpoint size: a passive checkpoint runs beside the writer.
 //! - SQLite's page cache is wrapped (`page_cache`) so that a commit after a page split does
 //!   not walk every cached page.
@@ -67,15 +67,29 @@ impl DatabaseFile {
         Database::connect(&self.path, self.synchronous, self.busy_timeout, self.checkpointed, self.gate.clone())
     }
 
-    /// Checkpoints the WAL into the database file every `period` on a thread of its own
-    /// connection, for as long as the process runs. Connections opened by `open` leave
-    /// checkpointing to it. A passive checkpoint copies pages beside the writers; but the WAL
-    /// only starts over once a checkpoint caught up with the last commit, which under steady
-    /// load a passive one never does — so past `RESTART_AFTER_FRAMES` it catches up in passes
-    /// beside the writers, and copies the last few frames in a writer's turn.
-    pub fn keep_checkpointing(&mut self, period: Duration) -> std::io::Result<()> {
-        let file = self.clone();
+    /// Leaves WAL checkpoints to a thread of their own: connections opened by `open` from now
+    /// on do not checkpoint in their commits. The thread runs once `Checkpoints::start` is
+    /// called — when the instance has started, so that an instance refusing to start (a
+    /// broken deployment) says so in one line, without a checkpoint thread racing the store's
+    /// first connection to a new file.
+    pub fn checkpoint_apart(&mut self) -> Checkpoints {
         self.checkpointed = true;
+        Checkpoints(self.clone())
+    }
+}
+
+/// The checkpoint thread of a database file, not yet running (see `checkpoint_apart`).
+pub struct Checkpoints(DatabaseFile);
+
+impl Checkpoints {
+    /// Checkpoints the WAL into the database file every `period` on a thread of its own
+    /// connection, for as long as the process runs. A passive checkpoint copies pages beside
+    /// the writers; but the WAL only starts over once a checkpoint caught up with the last
+    /// commit, which under steady load a passive one never does — so past
+    /// `RESTART_AFTER_FRAMES` it catches up in passes beside the writers, and copies the last
+    /// few frames in a writer's turn.
+    pub fn start(self, period: Duration) -> std::io::Result<()> {
+        let file = self.0;
         std::thread::Builder::new().name("parley-checkpoint".into()).spawn(move || {
             let mut db = None;
             // Logged when checkpoints start failing and when they work again, not every time.
@@ -293,7 +307,7 @@ impl Database {
     }
 }
 
-/// One round of the checkpoint thread (see `keep_checkpointing`).
+/// One round of the checkpoint thread (see `Checkpoints::start`).
 fn checkpoint(conn: &Connection, gate: &WriteGate, path: &Path) -> Result<(), rusqlite::Error> {
     // Answers (frames in the WAL, frames checkpointed).
     let checkpoint = || conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
@@ -334,7 +348,7 @@ fn connection(path: &Path, synchronous: Synchronous, busy_timeout: Duration, che
     // Keep the working set in memory (the store's log tail, the chats it fences against, the
     // pages its folds land on), and checkpoint the WAL less often than every 4 MB so
     // checkpoints do not stall commits (where no checkpoint thread does it; see
-    // `keep_checkpointing`).
+    // `Checkpoints`).
     conn.pragma_update(None, "cache_size", -65536)?;
     conn.pragma_update(None, "wal_autocheckpoint", if checkpointed { 0 } else { 16384 })?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
