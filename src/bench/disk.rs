@@ -68,10 +68,10 @@ fn measure(file: &mut std::fs::File, o: &Options) -> std::io::Result<(Vec<(Durat
 
 fn report(fsyncs: &[(Duration, Duration)], elapsed: Duration, o: &Options, path: &std::path::Path) {
     let objective = Duration::from_millis(o.objective_ms);
-    let mut took: Vec<Duration> = fsyncs.iter().map(|(_, d)| *d).collect();
+    let mut took: Vec<u32> = fsyncs.iter().map(|(_, d)| d.as_micros().min(u32::MAX as u128) as u32).collect();
     took.sort_unstable();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let pct = |p: f64| took.get(((took.len() as f64 * p) as usize).min(took.len().saturating_sub(1))).copied().unwrap_or_default();
+    let pct = |p: f64| super::percentile(&took, p);
     let slow: Vec<&(Duration, Duration)> = fsyncs.iter().filter(|(_, d)| *d > objective).collect();
     let blocked: Duration = slow.iter().map(|(_, d)| *d - objective).sum();
     let share = blocked.as_secs_f64() / elapsed.as_secs_f64().max(1e-9);
@@ -82,7 +82,7 @@ fn report(fsyncs: &[(Duration, Duration)], elapsed: Duration, o: &Options, path:
         path.parent().unwrap_or(path).display()
     );
     println!("fsyncs:                {} ({:.0}/s)", took.len(), took.len() as f64 / elapsed.as_secs_f64());
-    println!("fsync ms:              p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}", ms(pct(0.50)), ms(pct(0.99)), ms(pct(0.999)), ms(pct(1.0)));
+    println!("fsync ms:              p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}", pct(0.50), pct(0.99), pct(0.999), pct(1.0));
     let mut worst = slow.clone();
     worst.sort_unstable_by_key(|(_, d)| std::cmp::Reverse(*d));
     let worst: Vec<String> = worst.iter().take(5).map(|(at, d)| format!("{:.0} ms at {:.1} s", ms(*d), at.as_secs_f64())).collect();
