@@ -190,15 +190,19 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 }
                 n += 1;
             }
-            (client, chat_id, customer, samples, errors)
+            // The connection goes back too: closed here, each chat's last acks would share the
+            // cores with a thousand connection teardowns, on both sides, inside the measured window.
+            (client, conn, chat_id, customer, samples, errors)
         });
     }
     let mut all = Vec::new();
     let mut errors = 0;
     let mut finished = Vec::new();
+    let mut connections = Vec::with_capacity(o.chats);
     while let Some(r) = load.join_next().await {
-        let (client, chat_id, customer, samples, e) = r?;
+        let (client, conn, chat_id, customer, samples, e) = r?;
         errors += e;
+        connections.push(conn);
         finished.push((client, chat_id, customer, samples.len() + 1));
         all.extend(samples);
     }
@@ -209,6 +213,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let kpi_after = kpi(&target).await;
     let acks_after = server_histogram(&target, "parley_message_ack_seconds").await;
     let saves_after = server_histogram(&target, "parley_save_batch_seconds").await;
+    drop(connections);
     if let Some(path) = &o.timeline {
         let worst = write_timeline(path, &mut all).with_context(|| format!("writing {}", path.display()))?;
         println!("timeline:              {}; worst 100 ms: p99 {:.2} ms from {} ms on", path.display(), worst.1, worst.0);
