@@ -23,6 +23,9 @@ pub struct Lease {
     origin: Instant,
     /// Nanoseconds after `origin` until which the lease is known to be live; 0 = not live.
     live_until_ns: AtomicU64,
+    /// Renewals that found the lease lapsed: a write that saw the same count before and after,
+    /// with the lease live after, was made under one unbroken lease.
+    gaps: AtomicU64,
 }
 
 impl Default for Lease {
@@ -33,16 +36,26 @@ impl Default for Lease {
 
 impl Lease {
     pub fn new() -> Self {
-        Self { origin: Instant::now(), live_until_ns: AtomicU64::new(0) }
+        Self { origin: Instant::now(), live_until_ns: AtomicU64::new(0), gaps: AtomicU64::new(0) }
     }
 
     pub fn is_live(&self) -> bool {
         (self.origin.elapsed().as_nanos() as u64) < self.live_until_ns.load(Ordering::Acquire)
     }
 
+    /// How many times the lease was renewed after a gap (see `gaps`). Read it after
+    /// `is_live`: a renewal counts its gap before it makes the lease live again.
+    pub fn gaps(&self) -> u64 {
+        self.gaps.load(Ordering::Acquire)
+    }
+
     /// A renewal that was sent at `sent` succeeded: the store's lease runs `ttl` from some
-    /// moment after `sent`, so counting from `sent` errs on the safe side.
-    fn renewed(&self, sent: Instant, live_for: Duration) {
+    /// moment after `sent`, so counting from `sent` errs on the safe side. `gap`: the lease
+    /// was not live when the renewal was sent.
+    fn renewed(&self, sent: Instant, live_for: Duration, gap: bool) {
+        if gap {
+            self.gaps.fetch_add(1, Ordering::AcqRel);
+        }
         let until = (sent - self.origin + live_for).as_nanos() as u64;
         self.live_until_ns.store(until, Ordering::Release);
     }
@@ -162,7 +175,7 @@ impl Cluster {
         }
         // Stop writing a quarter lease before the store's lease could run out: room for a
         // save that started just in time, and for clock drift between hosts.
-        self.lease.renewed(sent, Duration::from_millis(self.lease_ms - self.lease_ms / 4));
+        self.lease.renewed(sent, Duration::from_millis(self.lease_ms - self.lease_ms / 4), gap);
         if self.lease.is_live() && !self.held.swap(true, Ordering::AcqRel) {
             info!(event_id = "lease.held", "this instance holds its lease");
         }

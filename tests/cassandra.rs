@@ -304,3 +304,82 @@ fn the_example_deployment_is_the_defaults() {
     let d = parley::config::Deployment::from_file(&example).unwrap();
     assert_eq!(format!("{:?}", d.cassandra.unwrap()), format!("{:?}", CassandraSection::default()));
 }
+
+/// A stale owner's save that arrives late — after another instance claimed the chat and wrote
+/// the same seq, or after the chat was purged — does not replace the new owner's event and does
+/// not bring the chat's rows back: event rows carry their chat's epoch as write time. (The
+/// host's lease fence keeps a stale owner from sending; this is for a write already under way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_owners_late_write_loses_to_the_new_owner() {
+    use parley::plugins::bindings::TranscriptStore;
+    use parley::plugins::bindings::store::{ClaimOutcome, ClaimRequest};
+    use parley::plugins::bindings::types::{ChatDelta, ChatState, Event, EventKind};
+    use parley::plugins::{Instance, Runtime, Slot};
+    let _node = NODE.read().await;
+    let on = OnCassandra::new("late_write", "");
+    let runtime = Runtime::new(on.scratch.path().join("plugin-cache"), Default::default()).unwrap();
+    runtime.connect_cql(std::sync::Arc::new(on.session().await));
+    let section = parley::config::PluginSection {
+        file: "builtin:cassandra-store".into(),
+        grants: None,
+        memory_mb: 64,
+        deadline_ms: 10_000,
+        http_hosts: Vec::new(),
+        settings: [("keyspace".to_string(), toml::Value::String(on.section.keyspace.clone()))].into_iter().collect(),
+    };
+    let plugin = std::sync::Arc::new(runtime.load(Slot::Intermediate, &section, Path::new(".")).unwrap());
+    let mut store: Instance<TranscriptStore> = runtime.instance(plugin, None);
+
+    let chat_id = "late-write-chat".to_string();
+    let delta = |owner: &str, epoch: u64, seq: u64, text: &str| ChatDelta {
+        chat_id: chat_id.clone(),
+        epoch,
+        owner: owner.into(),
+        state: ChatState::Active,
+        meta: (seq == 1).then(|| "{}".to_string()),
+        events: vec![Event {
+            seq,
+            kind: EventKind::Message,
+            participant_id: "p1".into(),
+            nickname: "Ann".into(),
+            text: text.into(),
+            client_msg_id: Some(format!("{owner}-{seq}")),
+            at_ms: 0,
+        }],
+    };
+    let save = async |store: &mut Instance<TranscriptStore>, d: ChatDelta| {
+        let r = store.call(async |b, s| b.parley_plugin_store().call_save(s, &[d]).await).await.unwrap();
+        r.into_iter().next().unwrap()
+    };
+    let texts = async |store: &mut Instance<TranscriptStore>| -> Vec<(u64, String)> {
+        let ids = vec![chat_id.clone()];
+        let r = store.call(async |b, s| b.parley_plugin_store().call_load(s, &ids).await).await.unwrap();
+        let t = r.into_iter().next().unwrap().unwrap().expect("the chat is there");
+        t.events.into_iter().map(|e| (e.seq, e.text)).collect()
+    };
+
+    // Instance A owns the chat at epoch 1; B claims it (A's lease ran out) and writes seq 2.
+    save(&mut store, delta("late-a", 1, 1, "hello")).await.unwrap();
+    let now = parley::chat::event::now_ms();
+    let claimed = store
+        .call(async |b, s| b.parley_plugin_store().call_claim(s, "late-b", &[ClaimRequest { chat_id: chat_id.clone(), expected_epoch: 1 }], now).await)
+        .await
+        .unwrap();
+    assert!(matches!(claimed[0], Ok(ClaimOutcome::Claimed(2))), "{claimed:?}");
+    save(&mut store, delta("late-b", 2, 2, "the new owner's seq 2")).await.unwrap();
+    // A's save of its own seq 2, sent before the claim, arrives now.
+    save(&mut store, delta("late-a", 1, 2, "the stale owner's seq 2")).await.unwrap();
+    assert_eq!(texts(&mut store).await, [(1, "hello".to_string()), (2, "the new owner's seq 2".to_string())], "the later epoch's row stays");
+
+    // A resend within the new epoch still writes (the same event again), and the next seq too.
+    save(&mut store, delta("late-b", 2, 3, "seq 3")).await.unwrap();
+    assert_eq!(texts(&mut store).await.last(), Some(&(3, "seq 3".to_string())));
+
+    // Purged (closed, final transcript saved): a late write of either owner leaves no row.
+    store.call(async |b, s| b.parley_plugin_store().call_purge(s, &chat_id).await).await.unwrap().unwrap();
+    save(&mut store, delta("late-a", 1, 4, "after the purge")).await.unwrap();
+    let session = on.session().await;
+    let rows = session.query(&format!("SELECT seq FROM {}.events WHERE chat_id = ?", on.section.keyspace), &[vec![Cql::Text(chat_id.clone())]]).await;
+    let rows = rows.into_iter().next().unwrap().unwrap();
+    assert!(rows.is_empty(), "a purged chat stays purged: {rows:?}");
+}

@@ -268,6 +268,46 @@ async fn sent_twice(server: &Server, path: &str, token: Option<&str>, body: Valu
     (first, retried)
 }
 
+/// An instance paused (SIGSTOP) in the middle of a save, for longer than its lease: when it
+/// resumes, that save is not acknowledged, whichever of its threads runs first — another
+/// instance may have restored the chat before the write arrived, and a store that does not
+/// fence writes by epoch (Cassandra) would keep the new owner's rows instead. The client
+/// resends with the same client_msg_id and gets one seq; the transcript holds the message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_that_outlives_its_lease_is_not_acknowledged() {
+    let data = Scratch::new("lapsed-save");
+    let config = data.deployment(&format!(
+        "[plugins.intermediate]\nfile = \"{}/faulty_store.wasm\"\ndeadline_ms = 5000\n[cluster]\nlease_ms = 600\nrenew_ms = 100\n",
+        parley::plugins::builtin::PLUGIN_DIR
+    ));
+    let server = Server::start(data.path(), Some(&config));
+    let (mut customer, _agent) = open_chat(&server, "Ann").await;
+    let first = customer.send("before the pause", "m1").await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+
+    // The "!slow" save spins for 200 ms in the store; the process stops 100 ms into it, for
+    // twice the lease.
+    let (mut client, token) = (server.client(), customer.token.clone());
+    let path = format!("/v1/chats/{}/messages", customer.chat_id);
+    let during = tokio::spawn(async move { client.post(&path, Some(&token), json!({"text": "!slow", "client_msg_id": "m2"})).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.freeze();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    server.resume();
+    let during = tokio::time::timeout(Duration::from_secs(10), during).await.expect("answered after the pause").unwrap();
+    assert_eq!((during.status, during.error_code()), (503, Some("chat_moved")), "acknowledged across a lapsed lease: {:?}", during.body);
+
+    let resent = customer.send("!slow", "m2").await;
+    assert_eq!(resent.status, 200, "{:?}", resent.body);
+    let seq = resent.body["seq"].as_u64().unwrap();
+    assert_eq!(customer.send("!slow", "m2").await.body["seq"].as_u64(), Some(seq), "one seq for the message");
+    let transcript = customer.transcript().await;
+    scenarios::assert_dense(&transcript);
+    assert_eq!(messages(&transcript), [(first.body["seq"].as_u64().unwrap(), "before the pause".to_string()), (seq, "!slow".to_string())]);
+    let kpi = server.kpi().await;
+    assert!(kpi["writes_fenced"].as_u64().unwrap() >= 1, "{kpi}");
+}
+
 /// A deployment whose intermediate store is the faulty test store (faults by marker texts),
 /// with a deadline well above its 200 ms "!slow".
 fn faulty_store(data: &Scratch) -> std::path::PathBuf {

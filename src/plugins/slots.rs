@@ -196,8 +196,24 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
         }
         if !deltas.is_empty() {
             let started = Instant::now();
-            let result = instance.call(async |b, s| b.parley_plugin_store().call_save(s, &deltas).await).await;
+            let gaps = fence.as_ref().map(|lease| lease.gaps());
+            let mut result = instance.call(async |b, s| b.parley_plugin_store().call_save(s, &deltas).await).await;
             kpi.record_save_batch(deltas.iter().map(|d| d.events.len()).sum(), started.elapsed());
+            if let (Some(lease), Ok(results)) = (&fence, &mut result)
+                && !(lease.is_live() && Some(lease.gaps()) == gaps)
+            {
+                // The lease lapsed while the save ran (this process was paused, or the store
+                // took longer than the quarter lease the fence leaves): a new owner may have
+                // claimed these chats and loaded them before the write arrived — a store whose
+                // writes are not fenced by epoch (Cassandra) would then keep the new owner's
+                // rows, not these. Withhold the acks: the clients resend, and whoever owns the
+                // chat recognises by client_msg_id what it loaded.
+                let lapsed = StoreError::StaleEpoch("this instance's lease lapsed during the save; not acknowledged".into());
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(lapsed.clone());
+                    kpi.writes_fenced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
             if let (true, Ok(results)) = (watches_storage, &result) {
                 match results.iter().find_map(|r| match r {
                     Err(StoreError::Unavailable(m)) => Some(m),

@@ -6,6 +6,11 @@
 //! a chat's first owner, claims (restores), and lease renewals (one instance id never runs
 //! twice). A stale owner is kept from writing by the host's lease fence: it stops saving a
 //! quarter lease before its lease can run out, and a claim needs the lease to have run out.
+//! A write the fence let through can still arrive late (the process paused between the check
+//! and the send, or the request sat in a queue): an event row is therefore written with its
+//! chat's epoch as its write timestamp, so the new owner's row for the same seq wins whatever
+//! the order of arrival, and a purged chat's tombstone (written at the current time) shadows
+//! any late row of it.
 
 wit_bindgen::generate!({ world: "transcript-store", path: "../../wit" });
 
@@ -24,9 +29,11 @@ const EVENT_COLUMNS: &str = "seq, kind, participant_id, nickname, text, client_m
 /// A chat's first owner, once: a later claim must never be overwritten by a retried creation.
 const CREATE_CHAT: &str = "INSERT INTO parley.chats (chat_id, epoch, owner) VALUES (?, 1, ?) IF NOT EXISTS";
 const UPDATE_META: &str = "UPDATE parley.chats SET state = ?, meta = ? WHERE chat_id = ?";
+/// Written at timestamp = the chat's epoch (see the module doc): later epochs win; within one
+/// epoch a row is only ever rewritten with the same event (a resend).
 const INSERT_EVENT: &str = "INSERT INTO parley.events
     (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms, epoch)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?";
 const CLAIM: &str = "UPDATE parley.chats SET owner = ?, epoch = ? WHERE chat_id = ? IF epoch = ? AND owner = ?";
 const RENEW: &str = "UPDATE parley.members SET address = ?, lease_expires_ms = ? WHERE instance_id = ? IF incarnation = ?";
 const FIRST_LEASE: &str = "INSERT INTO parley.members (instance_id, incarnation, address, lease_expires_ms) VALUES (?, ?, ?, ?) IF NOT EXISTS";
@@ -97,6 +104,7 @@ impl Guest for CassandraStore {
             }
             for e in &d.events {
                 let mut row = event_row(&d.chat_id, e);
+                row.push(Value::Bigint(d.epoch as i64));
                 row.push(Value::Bigint(d.epoch as i64));
                 events.push(row);
             }
