@@ -285,17 +285,29 @@ async fn a_save_that_outlives_its_lease_is_not_acknowledged() {
     let first = customer.send("before the pause", "m1").await;
     assert_eq!(first.status, 200, "{:?}", first.body);
 
-    // The "!slow" save spins for 200 ms in the store; the process stops 100 ms into it, for
-    // twice the lease.
-    let (mut client, token) = (server.client(), customer.token.clone());
-    let path = format!("/v1/chats/{}/messages", customer.chat_id);
-    let during = tokio::spawn(async move { client.post(&path, Some(&token), json!({"text": "!slow", "client_msg_id": "m2"})).await.unwrap() });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut other, _) = open_chat(&server, "Bob").await;
+    assert_eq!(other.send("hello", "b1").await.status, 200);
+
+    // The "!slow" save spins for 200 ms in the store, and another chat's save waits behind it;
+    // the process stops 100 ms into it, for twice the lease.
+    let post = |p: &Participant, text: &'static str, id: &'static str| {
+        let (mut client, token, path) = (server.client(), p.token.clone(), format!("/v1/chats/{}/messages", p.chat_id));
+        tokio::spawn(async move { client.post(&path, Some(&token), json!({"text": text, "client_msg_id": id})).await.unwrap() })
+    };
+    let during = post(&customer, "!slow", "m2");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let queued = post(&other, "queued behind", "b2");
+    tokio::time::sleep(Duration::from_millis(50)).await;
     server.freeze();
     tokio::time::sleep(Duration::from_millis(1200)).await;
     server.resume();
-    let during = tokio::time::timeout(Duration::from_secs(10), during).await.expect("answered after the pause").unwrap();
-    assert_eq!((during.status, during.error_code()), (503, Some("chat_moved")), "acknowledged across a lapsed lease: {:?}", during.body);
+    for (what, answer) in [("the save under way", during), ("the save queued behind it", queued)] {
+        let r = tokio::time::timeout(Duration::from_secs(10), answer).await.expect("answered after the pause").unwrap();
+        assert_eq!((r.status, r.error_code()), (503, Some("chat_moved")), "{what}: acknowledged across a lapsed lease: {:?}", r.body);
+    }
+    let resent = other.send("queued behind", "b2").await;
+    assert_eq!(resent.status, 200, "{:?}", resent.body);
+    assert_eq!(messages(&other.transcript().await).iter().filter(|(_, t)| t == "queued behind").count(), 1);
 
     let resent = customer.send("!slow", "m2").await;
     assert_eq!(resent.status, 200, "{:?}", resent.body);

@@ -420,6 +420,14 @@ impl Session {
 
     async fn on_saved(&mut self, result: Result<(), StorageError>) {
         match result {
+            Ok(()) if self.shared.has_moved() => {
+                // Dropped while this save was under way (the lease lapsed and `abandon_all` ran;
+                // the Abandon command is still queued): another instance may have restored the
+                // chat before the write arrived. As with Abandon, what was in flight gets no ack;
+                // its senders resend with their client_msg_id to whoever has the chat.
+                self.in_flight = 0;
+                self.unsaved.clear();
+            }
             Ok(()) => {
                 self.attempt = 0;
                 self.last_good_save = Instant::now();
