@@ -2,8 +2,9 @@
 //! texts in a saved message, so tests can prove the sandbox contains a misbehaving plugin.
 //!   "!trap"  panics (a trap)         "!loop"  spins forever (cut off by the epoch deadline)
 //!   "!oom"   allocates without bound "!fail"  returns `unavailable` for that chat only
-//!   "!slow"  takes 200 ms before saving (a slow disk or database: the whole batch waits);
-//!            so does every save carrying the metadata of a chat whose subject is "!slow"
+//!   "!slow"  takes 200 ms before saving, logging that it started (a slow disk or database:
+//!            the whole batch waits); so does every save carrying the metadata of a chat whose
+//!            subject is "!slow"
 
 wit_bindgen::generate!({ world: "transcript-store", path: "../../wit" });
 
@@ -42,6 +43,8 @@ impl Guest for FaultyStore {
             }
         }
         if deltas.iter().any(|d| marker(d, "!slow") || d.meta.as_deref().is_some_and(|m| m.contains(r#""subject":"!slow""#))) {
+            // Tests wait for this line to know a save is under way.
+            parley::plugin::log::log(parley::plugin::log::Level::Info, "slow save: spinning 200 ms before saving");
             let until = parley::plugin::clock::monotonic_now_ns() + 200_000_000;
             while parley::plugin::clock::monotonic_now_ns() < until {
                 std::hint::spin_loop();
