@@ -371,11 +371,12 @@ async fn a_stale_owners_late_write_loses_to_the_new_owner() {
     save(&mut store, delta("late-a", 1, 2, "the stale owner's seq 2")).await.unwrap();
     assert_eq!(texts(&mut store).await, [(1, "hello".to_string()), (2, "the new owner's seq 2".to_string())], "the later epoch's row stays");
 
-    // A resend within the new epoch still writes (the same event again), and the next seq too.
+    // Within the new epoch a resend (the same event again) and the next seq are written as before.
+    save(&mut store, delta("late-b", 2, 2, "the new owner's seq 2")).await.unwrap();
     save(&mut store, delta("late-b", 2, 3, "seq 3")).await.unwrap();
-    assert_eq!(texts(&mut store).await.last(), Some(&(3, "seq 3".to_string())));
+    assert_eq!(texts(&mut store).await, [(1, "hello".to_string()), (2, "the new owner's seq 2".to_string()), (3, "seq 3".to_string())]);
 
-    // Purged (closed, final transcript saved): a late write of either owner leaves no row.
+    // Purged (closed, final transcript saved): a late write leaves no row.
     store.call(async |b, s| b.parley_plugin_store().call_purge(s, &chat_id).await).await.unwrap().unwrap();
     save(&mut store, delta("late-a", 1, 4, "after the purge")).await.unwrap();
     let session = on.session().await;
