@@ -43,8 +43,9 @@ impl Lease {
         (self.origin.elapsed().as_nanos() as u64) < self.live_until_ns.load(Ordering::Acquire)
     }
 
-    /// How many times the lease was renewed after a gap (see `gaps`). Read it after
-    /// `is_live`: a renewal counts its gap before it makes the lease live again.
+    /// How many times the lease was renewed after a gap (see `gaps`). A write is covered by
+    /// one unbroken lease if the count read before its fence check equals the count read after
+    /// it, read after `is_live` (a renewal counts its gap before it makes the lease live again).
     pub fn gaps(&self) -> u64 {
         self.gaps.load(Ordering::Acquire)
     }

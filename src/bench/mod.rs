@@ -223,14 +223,14 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         let worst = write_timeline(path, &mut all).with_context(|| format!("writing {}", path.display()))?;
         println!("timeline:              {}; worst 100 ms: p99 {:.2} ms from {} ms on", path.display(), worst.1, worst.0);
     }
-    let mut late: Vec<u32> = all.iter().map(|s| s.late_us).collect();
+    let late: Option<Vec<u32>> = (o.rate > 0).then(|| all.iter().map(|s| s.late_us).collect());
     let mut all: Vec<u32> = all.iter().map(|s| s.latency_us).collect();
     all.sort_unstable();
     let pct = |p: f64| percentile(&all, p);
     println!("acknowledged messages: {}  errors: {errors}", all.len());
     println!("durable messages/s:    {:.0}", all.len() as f64 / elapsed);
     println!("ack latency ms:        p50 {:.2}  p99 {:.2}  max {:.2}", pct(0.50), pct(0.99), pct(1.0));
-    if o.rate > 0 {
+    if let Some(mut late) = late {
         // Counted in the ack latency: a generator short of CPU sends late, whatever the server.
         late.sort_unstable();
         println!("  of which sent late:  p50 {:.2}  p99 {:.2}  max {:.2} (the generator behind its schedule)", percentile(&late, 0.5), percentile(&late, 0.99), percentile(&late, 1.0));

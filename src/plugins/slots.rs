@@ -187,6 +187,9 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
                 other => others.push(other),
             }
         }
+        // Read before the fence check: a lapse and renewal between this and the check shows
+        // after the save as a changed count, and the acks are withheld.
+        let gaps = fence.as_ref().map(|lease| lease.gaps());
         if !deltas.is_empty() && fence.as_ref().is_some_and(|lease| !lease.is_live()) {
             // Self-fencing: past the point where this instance knows its lease to be live,
             // another instance may already be restoring these chats. Write nothing.
@@ -196,7 +199,6 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
         }
         if !deltas.is_empty() {
             let started = Instant::now();
-            let gaps = fence.as_ref().map(|lease| lease.gaps());
             let mut result = instance.call(async |b, s| b.parley_plugin_store().call_save(s, &deltas).await).await;
             kpi.record_save_batch(deltas.iter().map(|d| d.events.len()).sum(), started.elapsed());
             if let (Some(lease), Ok(results)) = (&fence, &mut result)
