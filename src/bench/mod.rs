@@ -258,7 +258,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             batches.saturating_sub(below)
         };
         if !saves_before.is_empty() && saves_before.len() == saves_after.len() {
-            println!("  slower than 20 / 50 / 100 ms: {} / {} / {} (histogram buckets)", slow(0.02), slow(0.05), slow(0.1));
+            println!("  slower than 5 / 10 / 20 / 50 / 100 ms: {} / {} / {} / {} / {} (histogram buckets)", slow(0.005), slow(0.01), slow(0.02), slow(0.05), slow(0.1));
         }
     }
     // Where the CPU went, per acknowledged message: the two cores are shared by the server's
