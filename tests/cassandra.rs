@@ -306,14 +306,15 @@ fn the_example_deployment_is_the_defaults() {
 }
 
 /// A stale owner's save that arrives late — after another instance claimed the chat and wrote
-/// the same seq, or after the chat was purged — does not replace the new owner's event and does
-/// not bring the chat's rows back: event rows carry their chat's epoch as write time. (The
-/// host's lease fence keeps a stale owner from sending; this is for a write already under way.)
+/// the same seq, or after the chat was purged — does not replace the new owner's event or
+/// metadata and does not bring the chat's rows back: event rows carry their chat's epoch as
+/// write time, and metadata is written only while the writer holds the epoch. (The host's lease
+/// fence keeps a stale owner from sending; this is for a write already under way.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_owners_late_write_loses_to_the_new_owner() {
     use parley::plugins::bindings::TranscriptStore;
     use parley::plugins::bindings::store::{ClaimOutcome, ClaimRequest};
-    use parley::plugins::bindings::types::{ChatDelta, ChatState, Event, EventKind};
+    use parley::plugins::bindings::types::{ChatDelta, ChatState, Event, EventKind, StoreError};
     use parley::plugins::{Instance, Runtime, Slot};
     let _node = NODE.read().await;
     let on = OnCassandra::new("late_write", "");
@@ -336,7 +337,7 @@ async fn a_stale_owners_late_write_loses_to_the_new_owner() {
         epoch,
         owner: owner.into(),
         state: ChatState::Active,
-        meta: (seq == 1).then(|| "{}".to_string()),
+        meta: (seq == 1).then(|| r#"{"roster":"Ann"}"#.to_string()),
         events: vec![Event {
             seq,
             kind: EventKind::Message,
@@ -351,12 +352,12 @@ async fn a_stale_owners_late_write_loses_to_the_new_owner() {
         let r = store.call(async |b, s| b.parley_plugin_store().call_save(s, &[d]).await).await.unwrap();
         r.into_iter().next().unwrap()
     };
-    let texts = async |store: &mut Instance<TranscriptStore>| -> Vec<(u64, String)> {
+    let load = async |store: &mut Instance<TranscriptStore>| {
         let ids = vec![chat_id.clone()];
         let r = store.call(async |b, s| b.parley_plugin_store().call_load(s, &ids).await).await.unwrap();
-        let t = r.into_iter().next().unwrap().unwrap().expect("the chat is there");
-        t.events.into_iter().map(|e| (e.seq, e.text)).collect()
+        r.into_iter().next().unwrap().unwrap().expect("the chat is there")
     };
+    let texts = async |store: &mut Instance<TranscriptStore>| -> Vec<(u64, String)> { load(store).await.events.into_iter().map(|e| (e.seq, e.text)).collect() };
 
     // Instance A owns the chat at epoch 1; B claims it (A's lease ran out) and writes seq 2.
     save(&mut store, delta("late-a", 1, 1, "hello")).await.unwrap();
@@ -375,6 +376,16 @@ async fn a_stale_owners_late_write_loses_to_the_new_owner() {
     save(&mut store, delta("late-b", 2, 2, "the new owner's seq 2")).await.unwrap();
     save(&mut store, delta("late-b", 2, 3, "seq 3")).await.unwrap();
     assert_eq!(texts(&mut store).await, [(1, "hello".to_string()), (2, "the new owner's seq 2".to_string()), (3, "seq 3".to_string())]);
+
+    // Metadata: the new owner's change (an agent joined) stays; the stale owner's change, sent
+    // before the claim, is refused when it arrives, and its event with it.
+    let with_meta = |owner: &str, epoch: u64, seq: u64, meta: &str| ChatDelta { meta: Some(meta.to_string()), ..delta(owner, epoch, seq, "joined") };
+    save(&mut store, with_meta("late-b", 2, 4, r#"{"roster":"Ann, Bo"}"#)).await.unwrap();
+    let refused = save(&mut store, with_meta("late-a", 1, 4, r#"{"roster":"Ann, Cy"}"#)).await;
+    assert!(matches!(refused, Err(StoreError::StaleEpoch(_))), "{refused:?}");
+    let t = load(&mut store).await;
+    assert_eq!((t.epoch, t.meta.as_str()), (2, r#"{"roster":"Ann, Bo"}"#), "the new owner's metadata stays");
+    assert_eq!(t.events.last().map(|e| (e.seq, e.participant_id.as_str(), e.client_msg_id.as_deref())), Some((4, "p1", Some("late-b-4"))));
 
     // Purged (closed, final transcript saved): a late write leaves no row.
     store.call(async |b, s| b.parley_plugin_store().call_purge(s, &chat_id).await).await.unwrap().unwrap();

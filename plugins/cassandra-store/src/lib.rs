@@ -2,15 +2,19 @@
 //! tables are created by `parley storage init` from cassandra/schema.cql.
 //!
 //! Writes on the per-message path are plain (one concurrent round of upserts per group
-//! commit). Lightweight transactions are used only where correctness needs a compare-and-set:
-//! a chat's first owner, claims (restores), and lease renewals (one instance id never runs
-//! twice). A stale owner is kept from writing by the host's lease fence: it stops saving a
-//! quarter lease before its lease can run out, and a claim needs the lease to have run out.
-//! A write the fence let through can still arrive late (the process paused between the check
-//! and the send, or the request sat in a queue): an event row is therefore written with its
-//! chat's epoch as its write timestamp, so the new owner's row for the same seq wins whatever
-//! the order of arrival, and a purged chat's tombstone (written at the current time) shadows
-//! any late row of it.
+//! commit). Lightweight transactions are used where correctness needs a compare-and-set: a
+//! chat's first owner, claims (restores), lease renewals (one instance id never runs twice),
+//! and the chat row's state and metadata, which change only on joins, leaves and closes. So
+//! every write to `chats` but a purge is conditional on the epoch and owner, and a stale
+//! owner's metadata is refused however late it arrives.
+//!
+//! A stale owner's events are kept out by the host's lease fence: it stops saving a quarter
+//! lease before its lease can run out, and a claim needs the lease to have run out. A write
+//! the fence let through can still arrive late (the process paused between the check and the
+//! send, or the request sat in a queue): an event row is therefore written with its chat's
+//! epoch as its write timestamp, so the new owner's row for the same seq wins whatever the
+//! order of arrival, and a purged chat's tombstone (written at the current time) shadows any
+//! late row of it.
 
 wit_bindgen::generate!({ world: "transcript-store", path: "../../wit" });
 
@@ -27,8 +31,9 @@ use std::sync::OnceLock;
 const EVENT_COLUMNS: &str = "seq, kind, participant_id, nickname, text, client_msg_id, at_ms";
 
 /// A chat's first owner, once: a later claim must never be overwritten by a retried creation.
-const CREATE_CHAT: &str = "INSERT INTO parley.chats (chat_id, epoch, owner) VALUES (?, 1, ?) IF NOT EXISTS";
-const UPDATE_META: &str = "UPDATE parley.chats SET state = ?, meta = ? WHERE chat_id = ?";
+const CREATE_CHAT: &str = "INSERT INTO parley.chats (chat_id, epoch, owner, state, meta) VALUES (?, 1, ?, ?, ?) IF NOT EXISTS";
+/// Only while the writer holds the chat's epoch: a stale owner's late write is not applied.
+const UPDATE_META: &str = "UPDATE parley.chats SET state = ?, meta = ? WHERE chat_id = ? IF epoch = ? AND owner = ?";
 /// Written at timestamp = the chat's epoch (see the module doc): later epochs win; within one
 /// epoch a row is only ever rewritten with the same event (a resend).
 const INSERT_EVENT: &str = "INSERT INTO parley.events
@@ -71,36 +76,50 @@ impl Guest for CassandraStore {
     }
 
     fn save(deltas: Vec<ChatDelta>) -> Vec<Result<(), StoreError>> {
-        // First saves create the chat row, once. A creation that finds the row made by another
-        // owner (the same chat id created on two instances at once: a create retried with its
-        // client_request_id) writes nothing: the chat is the other owner's.
+        let mut outcomes: Vec<Result<(), StoreError>> = deltas.iter().map(|_| Ok(())).collect();
+        // First saves create the chat row with its metadata, once. A creation that finds the row
+        // made by another owner (the same chat id created on two instances at once: a create
+        // retried with its client_request_id) writes nothing: the chat is the other owner's.
         let first_saves: Vec<usize> = (0..deltas.len())
             .filter(|&i| deltas[i].meta.is_some() && deltas[i].epoch == 1 && deltas[i].events.first().is_none_or(|e| e.seq == 1))
             .collect();
-        let mut outcomes: Vec<Result<(), StoreError>> = deltas.iter().map(|_| Ok(())).collect();
+        // The other metadata changes, and resends of a creation that found the row already ours.
+        let mut updates: Vec<usize> = (0..deltas.len()).filter(|&i| deltas[i].meta.is_some() && !first_saves.contains(&i)).collect();
         if !first_saves.is_empty() {
-            let rows = first_saves.iter().map(|&i| vec![text(&deltas[i].chat_id), text(&deltas[i].owner)]).collect::<Vec<_>>();
+            let rows = first_saves
+                .iter()
+                .map(|&i| vec![text(&deltas[i].chat_id), text(&deltas[i].owner), text(state_name(deltas[i].state)), text(deltas[i].meta.as_deref().unwrap_or_default())])
+                .collect::<Vec<_>>();
             for (&i, result) in first_saves.iter().zip(cql::query(&q(CREATE_CHAT), &rows)) {
+                match result {
+                    Err(e) => outcomes[i] = Err(store_error(e)),
+                    Ok(rows) if applied(&rows) => {}
+                    // Not applied: ours already (a resend of this save), or another owner's.
+                    Ok(_) => updates.push(i),
+                }
+            }
+        }
+        if !updates.is_empty() {
+            let rows = updates
+                .iter()
+                .map(|&i| {
+                    let d = &deltas[i];
+                    vec![text(state_name(d.state)), text(d.meta.as_deref().unwrap_or_default()), text(&d.chat_id), Value::Bigint(d.epoch as i64), text(&d.owner)]
+                })
+                .collect::<Vec<_>>();
+            for (&i, result) in updates.iter().zip(cql::query(&q(UPDATE_META), &rows)) {
                 outcomes[i] = match result {
                     Err(e) => Err(store_error(e)),
                     Ok(rows) if applied(&rows) => Ok(()),
-                    // Not applied: ours already (a resend of this save), or another owner's.
-                    Ok(_) => match one(&q("SELECT owner FROM parley.chats WHERE chat_id = ?"), vec![text(&deltas[i].chat_id)]) {
-                        Ok(rows) if rows.first().is_some_and(|r| string(&r[0]) == deltas[i].owner) => Ok(()),
-                        Ok(_) => Err(StoreError::StaleEpoch(format!("chat {} was created by another instance", deltas[i].chat_id))),
-                        Err(e) => Err(store_error(e)),
-                    },
+                    // Not applied: claimed by another instance since, or closed and purged.
+                    Ok(_) => Err(StoreError::StaleEpoch(format!("chat {} is no longer at epoch {} of {}", deltas[i].chat_id, deltas[i].epoch, deltas[i].owner))),
                 };
             }
         }
-        let mut metas = Vec::new();
         let mut events = Vec::new();
         for (d, outcome) in deltas.iter().zip(&outcomes) {
             if outcome.is_err() {
                 continue;
-            }
-            if let Some(meta) = &d.meta {
-                metas.push(vec![text(state_name(d.state)), text(meta), text(&d.chat_id)]);
             }
             for e in &d.events {
                 let mut row = event_row(&d.chat_id, e);
@@ -109,7 +128,10 @@ impl Guest for CassandraStore {
                 events.push(row);
             }
         }
-        match cql::write(&[Statement { cql: q(UPDATE_META), rows: metas }, Statement { cql: q(INSERT_EVENT), rows: events }]) {
+        if events.is_empty() {
+            return outcomes;
+        }
+        match cql::write(&[Statement { cql: q(INSERT_EVENT), rows: events }]) {
             Ok(()) => outcomes,
             Err(e) => {
                 let e = store_error(e);
