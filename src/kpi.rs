@@ -37,10 +37,22 @@ impl Histogram {
     }
 }
 
+/// How a chat came to be open on this instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opened {
+    Created,
+    /// From storage, after its owner (another instance, or an earlier process) let it go.
+    Restored,
+    /// From storage, after this instance dropped it for a lapsed lease.
+    TakenBack,
+}
+
 pub struct Kpi {
     pub session_created: AtomicU64,
     pub session_closed: AtomicU64,
     pub session_restored: AtomicU64,
+    /// Chats this instance dropped when its lease lapsed and then restored itself.
+    pub session_taken_back: AtomicU64,
     pub sessions_current: AtomicI64,
     pub messages_saved: AtomicU64,
     pub events_saved: AtomicU64,
@@ -69,6 +81,7 @@ impl Default for Kpi {
             session_created: Default::default(),
             session_closed: Default::default(),
             session_restored: Default::default(),
+            session_taken_back: Default::default(),
             sessions_current: Default::default(),
             messages_saved: Default::default(),
             events_saved: Default::default(),
@@ -109,12 +122,13 @@ impl Kpi {
         self.storage_available.load(Relaxed)
     }
 
-    pub fn chat_opened(&self, restored: bool) {
-        if restored {
-            self.session_restored.fetch_add(1, Relaxed);
-        } else {
-            self.session_created.fetch_add(1, Relaxed);
+    pub fn chat_opened(&self, how: Opened) {
+        match how {
+            Opened::Created => &self.session_created,
+            Opened::Restored => &self.session_restored,
+            Opened::TakenBack => &self.session_taken_back,
         }
+        .fetch_add(1, Relaxed);
         self.sessions_current.fetch_add(1, Relaxed);
     }
 
@@ -130,6 +144,7 @@ impl Kpi {
             "session_created": self.session_created.load(Relaxed),
             "session_closed": self.session_closed.load(Relaxed),
             "session_restored": self.session_restored.load(Relaxed),
+            "session_taken_back": self.session_taken_back.load(Relaxed),
             "sessions_current": self.sessions_current.load(Relaxed),
             "messages_saved": self.messages_saved.load(Relaxed),
             "events_saved": self.events_saved.load(Relaxed),
@@ -151,6 +166,7 @@ impl Kpi {
             ("parley_sessions_created_total", "Chats created on this instance.", self.session_created.load(Relaxed) as i64),
             ("parley_sessions_closed_total", "Chats closed on this instance.", self.session_closed.load(Relaxed) as i64),
             ("parley_sessions_restored_total", "Chats restored from storage on this instance.", self.session_restored.load(Relaxed) as i64),
+            ("parley_sessions_taken_back_total", "Chats this instance dropped when its lease lapsed and then restored itself.", self.session_taken_back.load(Relaxed) as i64),
             ("parley_messages_saved_total", "Messages durably saved before their ack.", self.messages_saved.load(Relaxed) as i64),
             ("parley_events_saved_total", "Transcript events saved.", self.events_saved.load(Relaxed) as i64),
             ("parley_save_failures_total", "Chat saves that failed.", self.save_failures.load(Relaxed) as i64),

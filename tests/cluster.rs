@@ -494,6 +494,8 @@ async fn an_instance_stalled_past_its_lease_takes_its_waiting_chats_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(seen, vec![chat_id.clone()], "the waiting chat is back in the queue ({:?} after the stall)", resumed.elapsed());
+    let kpi = server.kpi().await;
+    assert_eq!((&kpi["session_taken_back"], &kpi["session_restored"], &kpi["sessions_current"]), (&json!(1), &json!(0), &json!(1)), "a take-back, not a restore: {kpi}");
     let r = agent.post(&format!("/v1/chats/{chat_id}/join"), Some(AGENT), json!({"nickname": "Dana"})).await.unwrap();
     assert_eq!(r.status, 200, "an agent joins it: {:?}", r.body);
 }

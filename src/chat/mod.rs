@@ -340,6 +340,12 @@ impl Deps {
 
 type ChatMap = Arc<RwLock<HashMap<Arc<str>, ChatHandle>>>;
 
+/// The chats one `abandon_all` dropped.
+pub struct Dropped {
+    lapse: u64,
+    pub chat_ids: Vec<String>,
+}
+
 /// The chats this instance owns.
 pub struct Chats {
     deps: Arc<Deps>,
@@ -347,6 +353,9 @@ pub struct Chats {
     restoring: std::sync::Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
     /// Set once this instance handed its chats over: it takes none back.
     handed_over: std::sync::atomic::AtomicBool,
+    /// The chats `abandon_all` dropped for a lapsed lease (with the lapse's number), until they
+    /// are restored here (a take-back) or that lapse's `take_back` has tried them all.
+    dropped: std::sync::Mutex<(u64, HashMap<String, u64>)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -361,7 +370,7 @@ pub struct Waiting {
 
 impl Chats {
     pub fn new(deps: Deps) -> Self {
-        Self { deps: Arc::new(deps), map: Default::default(), restoring: Default::default(), handed_over: Default::default() }
+        Self { deps: Arc::new(deps), map: Default::default(), restoring: Default::default(), handed_over: Default::default(), dropped: Default::default() }
     }
 
     pub fn deps(&self) -> &Deps {
@@ -513,7 +522,8 @@ impl Chats {
                 ClaimOutcome::Claimed(epoch) => {
                     // Loaded again after the claim: from here on the old owner cannot add to it.
                     let t = deps.intermediate.load(chat_id).await.map_err(storage)?.ok_or_else(|| ChatError::NotFound(chat_id.to_string()))?;
-                    let handle = session::restore(deps.clone(), self.map.clone(), t, epoch, &location.owner)?;
+                    let taken_back = *location.owner == *deps.instance_id && self.dropped.lock().unwrap().1.remove(chat_id).is_some();
+                    let handle = session::restore(deps.clone(), self.map.clone(), t, epoch, &location.owner, taken_back)?;
                     return Ok(Whereabouts::Here(self.keep(handle)));
                 }
                 ClaimOutcome::OwnerAlive(expires_ms) => {
@@ -555,17 +565,25 @@ impl Chats {
         self.handed_over.store(true, std::sync::atomic::Ordering::Release);
         let chats = self.map.read().unwrap().len();
         self.deps.cluster.lease.end();
-        self.abandon_all();
+        let _ = self.abandon_all();
         self.deps.cluster.leave().await;
         info!(event_id = "instance.handed_over", chats, "handed the remaining chats over to the other instances");
     }
 
     /// Drops every chat at once, writing nothing more: this instance lost its lease, so
     /// others may have restored them. Each comes back through a restore when asked for (and
-    /// through `take_back`). Returns the ids of the chats dropped.
-    pub fn abandon_all(&self) -> Vec<String> {
+    /// through `take_back`).
+    pub fn abandon_all(&self) -> Dropped {
         let handles: Vec<ChatHandle> = self.map.write().unwrap().drain().map(|(_, h)| h).collect();
-        let ids = handles.iter().map(|h| h.shared.id.to_string()).collect();
+        let chat_ids: Vec<String> = handles.iter().map(|h| h.shared.id.to_string()).collect();
+        let lapse = {
+            let (lapses, dropped) = &mut *self.dropped.lock().unwrap();
+            *lapses += 1;
+            if !self.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+                dropped.extend(chat_ids.iter().map(|id| (id.clone(), *lapses)));
+            }
+            *lapses
+        };
         for h in handles {
             h.shared.moved.send_replace(true);
             if let Err(tokio::sync::mpsc::error::TrySendError::Full(c)) = h.commands.try_send(Command::Abandon) {
@@ -573,7 +591,7 @@ impl Chats {
                 tokio::spawn(async move { commands.send(c).await });
             }
         }
-        ids
+        Dropped { lapse, chat_ids }
     }
 
     /// After a lapse (this instance was stalled past its lease and dropped its chats): once the
@@ -581,17 +599,20 @@ impl Chats {
     /// meanwhile — the restore a request would start, as a workflow, so `restore.mode` and
     /// `restore.allowed_initiators` apply and the claim decides any race. Without it, a chat
     /// whose participants are not connected (a customer still waiting in the queue) would be
-    /// missing from every agent's queue until its customer came back.
-    pub async fn take_back(&self, chat_ids: Vec<String>) {
+    /// missing from every agent's queue until its customer came back. Such a restore (or a
+    /// request's, before it) counts as `session_taken_back`, not `session_restored`.
+    pub async fn take_back(&self, dropped: Dropped) {
         for _ in 0..100 {
             if self.deps.cluster.lease.is_live() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let restores = chat_ids.iter().map(|id| self.locate(id, &Requester::Workflow, true));
+        let restores = dropped.chat_ids.iter().map(|id| self.locate(id, &Requester::Workflow, true));
         let here = futures_util::future::join_all(restores).await.into_iter().filter(|r| matches!(r, Ok(Whereabouts::Here(_)))).count();
-        info!(event_id = "chats.taken_back", dropped = chat_ids.len(), restored_here = here, "restored the chats this instance dropped when its lease lapsed");
+        // The rest went to other instances; a later lapse's entries stay for its own take-back.
+        self.dropped.lock().unwrap().1.retain(|_, lapse| *lapse != dropped.lapse);
+        info!(event_id = "chats.taken_back", dropped = dropped.chat_ids.len(), restored_here = here, "restored the chats this instance dropped when its lease lapsed");
     }
 
     /// Chats on this instance still waiting for an agent, oldest first.

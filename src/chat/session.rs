@@ -6,6 +6,7 @@
 use super::event::now_ms;
 use super::{ChatError, ChatHandle, ChatMap, ChatShared, Command, Deps, Event, Joined, Kind, Member, Meta, Participant, Role, Roster};
 use crate::auth;
+use crate::kpi::Opened;
 use crate::plugins::bindings::notices::{Notice, NoticeKind};
 use crate::plugins::bindings::policy::{Decision, ErrorKind, SaveFailure};
 use crate::plugins::bindings::types::{ChatDelta, ChatState, Transcript};
@@ -77,7 +78,7 @@ struct Session {
 pub(super) fn open(deps: Arc<Deps>, map: ChatMap, chat_id: Arc<str>, meta: Meta) -> (ChatHandle, oneshot::Receiver<Result<(), ChatError>>) {
     let customer = meta.participants[0].clone();
     let mut session = Session::new(deps, map, chat_id, 1, ChatState::Waiting, meta, Vec::new(), Vec::new());
-    session.deps.kpi.chat_opened(false);
+    session.deps.kpi.chat_opened(Opened::Created);
     info!(event_id = "chat.created", chat_id = %session.shared.id, sessions_current = session.deps.kpi.sessions_current.load(std::sync::atomic::Ordering::Relaxed), "chat created");
     let (tx, rx) = oneshot::channel();
     session.append(Kind::Joined, &customer.id, &customer.nickname, String::new(), None, Some(Ack::Created(tx)));
@@ -97,13 +98,14 @@ pub(super) fn read_only(deps: Arc<Deps>, map: ChatMap, t: Transcript) -> Result<
 /// Continues a stored chat this instance has just claimed at `epoch` (the store refuses the
 /// old owner's writes from now on): its numbering goes on, participants present before get
 /// `reconnected` when they come back, and everyone learns where the chat lives now.
-pub(super) fn restore(deps: Arc<Deps>, map: ChatMap, t: Transcript, epoch: u64, previous_owner: &str) -> Result<ChatHandle, ChatError> {
+/// `taken_back`: this instance dropped the chat for a lapsed lease and claims it again.
+pub(super) fn restore(deps: Arc<Deps>, map: ChatMap, t: Transcript, epoch: u64, previous_owner: &str, taken_back: bool) -> Result<ChatHandle, ChatError> {
     let meta = parse_meta(&t.meta)?;
     let events: Vec<Arc<Event>> = t.events.into_iter().map(Event::from_wit).collect();
     let returning: Vec<Arc<str>> = meta.participants.iter().filter(|p| p.present).map(|p| p.id.clone()).collect();
     let mut session = Session::new(deps, map, t.chat_id.into(), epoch, t.state, meta, events, returning);
-    session.deps.kpi.chat_opened(true);
-    info!(event_id = "chat.restored", chat_id = %session.shared.id, epoch, previous_owner, "chat restored from storage");
+    session.deps.kpi.chat_opened(if taken_back { Opened::TakenBack } else { Opened::Restored });
+    info!(event_id = "chat.restored", chat_id = %session.shared.id, epoch, previous_owner, taken_back, "chat restored from storage");
     if previous_owner != &*session.deps.instance_id {
         let here = session.deps.instance_id.to_string();
         session.append(Kind::Moved, &"".into(), &"".into(), here.clone(), None, None);

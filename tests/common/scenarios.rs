@@ -244,7 +244,7 @@ pub async fn busy_chats_survive_kill_9(mut servers: Vec<Server>) {
     }
     let (k1, k2) = (servers[0].kpi().await, servers[1].kpi().await);
     let restored = k1["session_restored"].as_u64().unwrap() + k2["session_restored"].as_u64().unwrap();
-    assert_eq!(restored, 67, "each of the killed instance's chats (every third) was restored once");
+    assert_eq!(restored, 67, "each of the killed instance's chats (every third) was restored once: {k1} {k2}");
     assert!(total > 2000, "messages were in flight throughout: {total}");
 }
 
