@@ -111,8 +111,12 @@ impl Guest for CassandraStore {
                 outcomes[i] = match result {
                     Err(e) => Err(store_error(e)),
                     Ok(rows) if applied(&rows) => Ok(()),
-                    // Not applied: claimed by another instance since, or closed and purged.
-                    Ok(_) => Err(StoreError::StaleEpoch(format!("chat {} is no longer at epoch {} of {}", deltas[i].chat_id, deltas[i].epoch, deltas[i].owner))),
+                    // Not applied: created by another instance (a keyed create raced), claimed
+                    // by one since, or closed and purged.
+                    Ok(_) => Err(StoreError::StaleEpoch(format!(
+                        "chat {} is not at epoch {} of {}: another instance created or claimed it, or it was purged",
+                        deltas[i].chat_id, deltas[i].epoch, deltas[i].owner
+                    ))),
                 };
             }
         }
