@@ -122,14 +122,20 @@ impl Kpi {
         self.storage_available.load(Relaxed)
     }
 
+    /// A chat is open here. A restored one counts at once; a new one counts as created only
+    /// once its creation is saved (`chat_created`): a creation the store refused (storage down,
+    /// or the same keyed chat created on another instance first) created nothing.
     pub fn chat_opened(&self, how: Opened) {
         match how {
-            Opened::Created => &self.session_created,
-            Opened::Restored => &self.session_restored,
-            Opened::TakenBack => &self.session_taken_back,
+            Opened::Created => {}
+            Opened::Restored => drop(self.session_restored.fetch_add(1, Relaxed)),
+            Opened::TakenBack => drop(self.session_taken_back.fetch_add(1, Relaxed)),
         }
-        .fetch_add(1, Relaxed);
         self.sessions_current.fetch_add(1, Relaxed);
+    }
+
+    pub fn chat_created(&self) {
+        self.session_created.fetch_add(1, Relaxed);
     }
 
     pub fn chat_ended(&self, closed: bool) {

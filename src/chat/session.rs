@@ -79,7 +79,6 @@ pub(super) fn open(deps: Arc<Deps>, map: ChatMap, chat_id: Arc<str>, meta: Meta)
     let customer = meta.participants[0].clone();
     let mut session = Session::new(deps, map, chat_id, 1, ChatState::Waiting, meta, Vec::new(), Vec::new());
     session.deps.kpi.chat_opened(Opened::Created);
-    info!(event_id = "chat.created", chat_id = %session.shared.id, sessions_current = session.deps.kpi.sessions_current.load(std::sync::atomic::Ordering::Relaxed), "chat created");
     let (tx, rx) = oneshot::channel();
     session.append(Kind::Joined, &customer.id, &customer.nickname, String::new(), None, Some(Ack::Created(tx)));
     (session.spawn(), rx)
@@ -437,6 +436,11 @@ impl Session {
                 self.in_flight = 0;
                 let messages = saved.iter().filter(|p| p.event.kind == Kind::Message).count();
                 self.deps.kpi.messages_saved.fetch_add(messages as u64, std::sync::atomic::Ordering::Relaxed);
+                if self.epoch == 1 && saved.first().is_some_and(|p| p.event.seq == 1) {
+                    // The customer's `joined`, the chat's first event: its creation is saved.
+                    self.deps.kpi.chat_created();
+                    info!(event_id = "chat.created", chat_id = %self.shared.id, sessions_current = self.deps.kpi.sessions_current.load(std::sync::atomic::Ordering::Relaxed), "chat created");
+                }
                 self.shared.publish(saved.iter().map(|p| p.event.clone()));
                 for p in saved {
                     for ack in p.acks {
@@ -463,11 +467,16 @@ impl Session {
             // Another instance restored this chat (or may have: this instance's lease is not
             // live). It is theirs now, and our unsaved events never were.
             self.fail_unsaved(ChatError::Moved);
+            // Its creation itself was refused (the same keyed chat created on another instance
+            // first): it never existed here, so there is nothing to purge.
+            let never_existed = self.meta.participants.is_empty();
             self.count_end(false);
             self.shared.moved.send_replace(true);
             if self.deps.purge_old_owner {
-                warn!(event_id = "chat.purged", chat_id = %self.shared.id, epoch = self.epoch, cause = %e, "save refused: another instance owns this chat; dropping it");
-                self.deps.kpi.chats_purged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if !never_existed {
+                    warn!(event_id = "chat.purged", chat_id = %self.shared.id, epoch = self.epoch, cause = %e, "save refused: another instance owns this chat; dropping it");
+                    self.deps.kpi.chats_purged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 self.ended = true;
             } else {
                 warn!(event_id = "chat.fenced", chat_id = %self.shared.id, epoch = self.epoch, cause = %e, "save refused: another instance owns this chat; keeping a read-only copy");

@@ -313,13 +313,22 @@ pub async fn retried_creates_and_joins_open_nothing_twice(mut servers: Vec<Serve
     assert_eq!(messages(&t).iter().map(|(_, text)| text.as_str()).collect::<Vec<_>>(), ["hello", "hi Ann", "still here"]);
     assert_eq!(kinds(&t).iter().filter(|k| *k == "joined").count(), 2, "{t}");
 
-    // The same new id on two instances at once: both answer the same, and there is one chat.
+    // The same new id on two instances at once: both answer the same, and there is one chat,
+    // counted as created once and purged nowhere.
+    let counters = async || {
+        let (kb, kc) = (b.kpi().await, c.kpi().await);
+        let sum = |k: &str| kb[k].as_u64().unwrap() + kc[k].as_u64().unwrap();
+        (sum("session_created"), sum("chats_purged"))
+    };
+    let before = counters().await;
     let (on_b, on_c) = tokio::join!(
         post(&b, "/v1/chats".into(), None, create("create-0002-aaaa-bbbb")),
         post(&c, "/v1/chats".into(), None, create("create-0002-aaaa-bbbb"))
     );
     assert_eq!((on_b.status, on_c.status), (201, 201), "{} / {}", on_b.body, on_c.body);
     assert_eq!(on_b.body, on_c.body);
+    let after = counters().await;
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 0), "one chat created, none purged");
     let chat_id = on_b.body["chat_id"].as_str().unwrap().to_string();
     let (mut via_b, mut via_c) = (participant(&b, &on_b.body), participant(&c, &on_c.body));
     via_b.chat_id = chat_id.clone();
