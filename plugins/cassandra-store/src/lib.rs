@@ -80,11 +80,11 @@ impl Guest for CassandraStore {
         // First saves create the chat row with its metadata, once. A creation that finds the row
         // made by another owner (the same chat id created on two instances at once: a create
         // retried with its client_request_id) writes nothing: the chat is the other owner's.
-        let first_saves: Vec<usize> = (0..deltas.len())
-            .filter(|&i| deltas[i].meta.is_some() && deltas[i].epoch == 1 && deltas[i].events.first().is_none_or(|e| e.seq == 1))
-            .collect();
-        // The other metadata changes, and resends of a creation that found the row already ours.
-        let mut updates: Vec<usize> = (0..deltas.len()).filter(|&i| deltas[i].meta.is_some() && !first_saves.contains(&i)).collect();
+        // The other metadata changes go to `updates`, and so does a creation that found the row
+        // there: applied if it is ours (a resend), refused if it is another owner's.
+        let (first_saves, mut updates): (Vec<usize>, Vec<usize>) = (0..deltas.len())
+            .filter(|&i| deltas[i].meta.is_some())
+            .partition(|&i| deltas[i].epoch == 1 && deltas[i].events.first().is_none_or(|e| e.seq == 1));
         if !first_saves.is_empty() {
             let rows = first_saves
                 .iter()
