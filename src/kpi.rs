@@ -128,8 +128,12 @@ impl Kpi {
     pub fn chat_opened(&self, how: Opened) {
         match how {
             Opened::Created => {}
-            Opened::Restored => drop(self.session_restored.fetch_add(1, Relaxed)),
-            Opened::TakenBack => drop(self.session_taken_back.fetch_add(1, Relaxed)),
+            Opened::Restored => {
+                self.session_restored.fetch_add(1, Relaxed);
+            }
+            Opened::TakenBack => {
+                self.session_taken_back.fetch_add(1, Relaxed);
+            }
         }
         self.sessions_current.fetch_add(1, Relaxed);
     }

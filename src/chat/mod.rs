@@ -8,7 +8,7 @@ mod session;
 use crate::auth::{self, TokenHash};
 use crate::cluster::{Cluster, Peer};
 use crate::config::{Deployment, Initiator, RestoreMode};
-use crate::kpi::Kpi;
+use crate::kpi::{Kpi, Opened};
 use crate::plugins::bindings::notices::Audience;
 use crate::plugins::bindings::store::ClaimOutcome;
 use crate::plugins::bindings::types::ChatState;
@@ -523,7 +523,8 @@ impl Chats {
                     // Loaded again after the claim: from here on the old owner cannot add to it.
                     let t = deps.intermediate.load(chat_id).await.map_err(storage)?.ok_or_else(|| ChatError::NotFound(chat_id.to_string()))?;
                     let taken_back = *location.owner == *deps.instance_id && self.dropped.lock().unwrap().1.remove(chat_id).is_some();
-                    let handle = session::restore(deps.clone(), self.map.clone(), t, epoch, &location.owner, taken_back)?;
+                    let how = if taken_back { Opened::TakenBack } else { Opened::Restored };
+                    let handle = session::restore(deps.clone(), self.map.clone(), t, epoch, &location.owner, how)?;
                     return Ok(Whereabouts::Here(self.keep(handle)));
                 }
                 ClaimOutcome::OwnerAlive(expires_ms) => {

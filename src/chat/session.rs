@@ -97,14 +97,14 @@ pub(super) fn read_only(deps: Arc<Deps>, map: ChatMap, t: Transcript) -> Result<
 /// Continues a stored chat this instance has just claimed at `epoch` (the store refuses the
 /// old owner's writes from now on): its numbering goes on, participants present before get
 /// `reconnected` when they come back, and everyone learns where the chat lives now.
-/// `taken_back`: this instance dropped the chat for a lapsed lease and claims it again.
-pub(super) fn restore(deps: Arc<Deps>, map: ChatMap, t: Transcript, epoch: u64, previous_owner: &str, taken_back: bool) -> Result<ChatHandle, ChatError> {
+/// `how`: restored, or taken back (this instance dropped it for a lapsed lease).
+pub(super) fn restore(deps: Arc<Deps>, map: ChatMap, t: Transcript, epoch: u64, previous_owner: &str, how: Opened) -> Result<ChatHandle, ChatError> {
     let meta = parse_meta(&t.meta)?;
     let events: Vec<Arc<Event>> = t.events.into_iter().map(Event::from_wit).collect();
     let returning: Vec<Arc<str>> = meta.participants.iter().filter(|p| p.present).map(|p| p.id.clone()).collect();
     let mut session = Session::new(deps, map, t.chat_id.into(), epoch, t.state, meta, events, returning);
-    session.deps.kpi.chat_opened(if taken_back { Opened::TakenBack } else { Opened::Restored });
-    info!(event_id = "chat.restored", chat_id = %session.shared.id, epoch, previous_owner, taken_back, "chat restored from storage");
+    session.deps.kpi.chat_opened(how);
+    info!(event_id = "chat.restored", chat_id = %session.shared.id, epoch, previous_owner, taken_back = how == Opened::TakenBack, "chat restored from storage");
     if previous_owner != &*session.deps.instance_id {
         let here = session.deps.instance_id.to_string();
         session.append(Kind::Moved, &"".into(), &"".into(), here.clone(), None, None);
