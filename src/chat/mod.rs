@@ -3,6 +3,7 @@
 //! (see `session`); handlers only read what it publishes.
 
 pub mod event;
+mod sent;
 mod session;
 
 use crate::auth::{self, TokenHash};
@@ -157,6 +158,17 @@ impl ChatShared {
         // seq is dense from 1, so the event with seq n sits at index n-1.
         let start = (after as usize).min(transcript.len());
         transcript[start..].iter().filter(|e| e.visible_to(role)).take(limit).cloned().collect()
+    }
+
+    /// Whether the transcript event with this seq passes `test`.
+    fn event_is(&self, seq: u64, test: impl Fn(&Event) -> bool) -> bool {
+        let transcript = self.transcript.read().unwrap();
+        seq.checked_sub(1).and_then(|i| transcript.get(i as usize)).is_some_and(|e| test(e))
+    }
+
+    /// The seq of the first transcript event that passes `test`.
+    fn find_event(&self, test: impl Fn(&Event) -> bool) -> Option<u64> {
+        self.transcript.read().unwrap().iter().find(|e| test(e)).map(|e| e.seq)
     }
 
     pub fn last_seq(&self) -> u64 {

@@ -4,6 +4,7 @@
 //! what to do when a save fails.
 
 use super::event::now_ms;
+use super::sent::SentIds;
 use super::{ChatError, ChatHandle, ChatMap, ChatShared, Command, Deps, Event, Joined, Kind, Member, Meta, Participant, Role, Roster};
 use crate::auth;
 use crate::kpi::Opened;
@@ -55,8 +56,8 @@ struct Session {
     meta_dirty: bool,
     /// Whether the save in flight carries the metadata (to resend it if that save fails).
     meta_in_flight: bool,
-    /// participant -> client_msg_id -> seq, saved or pending: resends get the original seq.
-    sent: HashMap<Arc<str>, HashMap<String, u64>>,
+    /// (participant, client_msg_id) -> seq, saved or pending: resends get the original seq.
+    sent: SentIds,
     must_reconnect: Vec<Arc<str>>,
     attempt: u32,
     last_good_save: Instant,
@@ -122,10 +123,10 @@ impl Session {
     #[allow(clippy::too_many_arguments)]
     fn new(deps: Arc<Deps>, map: ChatMap, id: Arc<str>, epoch: u64, state: ChatState, meta: Meta, events: Vec<Arc<Event>>, must_reconnect: Vec<Arc<str>>) -> Self {
         let next_seq = events.last().map_or(1, |e| e.seq + 1);
-        let mut sent: HashMap<Arc<str>, HashMap<String, u64>> = HashMap::new();
+        let mut sent = SentIds::default();
         for e in &events {
             if let Some(id) = &e.client_msg_id {
-                sent.entry(e.participant_id.clone()).or_default().insert(id.clone(), e.seq);
+                sent.insert(&e.participant_id, id, e.seq);
             }
         }
         let placeholder = Roster { state, subject: String::new(), customer_nickname: "".into(), created_ms: 0, members: Vec::new() };
@@ -234,7 +235,7 @@ impl Session {
         match command {
             Command::Post { member, text, client_msg_id, reply } => {
                 if let Some(id) = &client_msg_id
-                    && let Some(&seq) = self.sent.get(&member).and_then(|ids| ids.get(id))
+                    && let Some(seq) = self.sent_seq(&member, id)
                 {
                     return self.ack_duplicate(seq, reply);
                 }
@@ -245,10 +246,11 @@ impl Session {
                     return drop(reply.send(Err(limited)));
                 }
                 let nickname = self.nickname(&member);
-                let seq = self.append(Kind::Message, &member, &nickname, text, client_msg_id.clone(), Some(Ack::Seq(reply)));
-                if let Some(id) = client_msg_id {
-                    self.sent.entry(member).or_default().insert(id, seq);
+                if let Some(id) = &client_msg_id {
+                    // The seq `append` gives it.
+                    self.sent.insert(&member, id, self.next_seq);
                 }
+                self.append(Kind::Message, &member, &nickname, text, client_msg_id, Some(Ack::Seq(reply)));
             }
             Command::Opened { reply } => {
                 let customer = self.meta.participants.iter().find(|p| p.role == Role::Customer).map(|p| p.id.clone());
@@ -339,6 +341,21 @@ impl Session {
                 self.shared.moved.send_replace(true);
                 self.ended = true;
             }
+        }
+    }
+
+    /// The seq `member` got for `id`, if the message was sent (saved or pending).
+    fn sent_seq(&self, member: &str, id: &str) -> Option<u64> {
+        let sent_as = |e: &Event| &*e.participant_id == member && e.client_msg_id.as_deref() == Some(id);
+        let find = || self.shared.find_event(sent_as).or_else(|| self.unsaved.iter().find(|p| sent_as(&p.event)).map(|p| p.event.seq));
+        self.sent.seq(member, id, |seq| self.event_is(seq, sent_as), find)
+    }
+
+    /// Whether the event with this seq, saved or pending, passes `test`.
+    fn event_is(&self, seq: u64, test: impl Fn(&Event) -> bool) -> bool {
+        match self.unsaved.first().map(|p| p.event.seq) {
+            Some(first) if seq >= first => self.unsaved.get((seq - first) as usize).is_some_and(|p| test(&p.event)),
+            _ => self.shared.event_is(seq, test),
         }
     }
 
@@ -528,10 +545,8 @@ impl Session {
             self.next_seq = first.event.seq;
         }
         for p in self.unsaved.drain(..) {
-            if let Some(id) = &p.event.client_msg_id
-                && let Some(ids) = self.sent.get_mut(&p.event.participant_id)
-            {
-                ids.remove(id);
+            if let Some(id) = &p.event.client_msg_id {
+                self.sent.remove(&p.event.participant_id, id, p.event.seq);
             }
             if p.event.kind == Kind::Joined {
                 self.meta.participants.retain(|m| m.id != p.event.participant_id);
