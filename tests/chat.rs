@@ -237,6 +237,39 @@ async fn a_wave_of_chats_restores_at_once_after_kill_9() {
     assert_eq!(kpi["session_restored"], 30);
 }
 
+/// Thirty chats of long messages (~100 KB of text each) in a store plugin held to 4 MiB:
+/// loading the whole wave in one call would need several times that, and the plugin would
+/// blow its memory on every retry. The wave restores all the same, in parts that fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_of_long_transcripts_restores_in_parts_the_plugin_memory_holds() {
+    let data = Scratch::new("wave-long");
+    let config = data.deployment("[plugins.intermediate]\nfile = \"builtin:sqlite-store\"\nmemory_mb = 4\n");
+    let server = Server::start(data.path(), Some(&config));
+    let long = |i: usize, n: usize| format!("{i}/{n} {}", "x".repeat(4000));
+    let mut chats = Vec::new();
+    for i in 0..30 {
+        let (mut customer, _agent) = open_chat(&server, &format!("C{i}")).await;
+        for n in 0..25 {
+            assert_eq!(customer.send(&long(i, n), &format!("m{n}")).await.status, 200);
+        }
+        chats.push(customer);
+    }
+    server.kill9();
+    let server = Server::start(data.path(), Some(&config));
+    let restores = chats.into_iter().enumerate().map(|(i, mut customer)| {
+        customer.moved_to(&server);
+        async move {
+            let t = customer.transcript().await;
+            let texts: Vec<String> = messages(&t).into_iter().map(|(_, text)| text).collect();
+            assert_eq!(texts, (0..25).map(|n| long(i, n)).collect::<Vec<_>>(), "chat {i}");
+            assert_eq!(customer.send("back", "m25").await.status, 200, "chat {i}");
+        }
+    });
+    futures_util::future::join_all(restores).await;
+    let kpi = server.client().get("/v1/kpi", None).await.unwrap().ok().unwrap();
+    assert_eq!(kpi["session_restored"], 30);
+}
+
 /// One HTTP/2 request on a shared connection: (status, JSON body).
 async fn h2(sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
     use http_body_util::BodyExt;

@@ -243,9 +243,24 @@ async fn run_store(mut instance: Instance<TranscriptStore>, mut rx: mpsc::Unboun
             let result = instance.call(async |b, s| b.parley_plugin_store().call_claim(s, &owner, &requests, now).await).await;
             answer("claim", replies, result);
         }
-        if !load_ids.is_empty() {
-            let result = instance.call(async |b, s| b.parley_plugin_store().call_load(s, &load_ids).await).await;
-            answer("load", load_replies, result);
+        // A wave of restores can ask for more transcripts than fit the plugin's memory (or its
+        // deadline) at once: a call that faults is split in halves, down to one chat, so only
+        // a transcript too big on its own fails.
+        let mut parts = vec![(load_ids.as_slice(), load_replies)];
+        while let Some((ids, replies)) = parts.pop() {
+            if ids.is_empty() {
+                continue;
+            }
+            match instance.call(async |b, s| b.parley_plugin_store().call_load(s, ids).await).await {
+                Err(_) if ids.len() > 1 => {
+                    let mut first = replies;
+                    let second = first.split_off(ids.len() / 2);
+                    let (a, b) = ids.split_at(ids.len() / 2);
+                    parts.push((b, second));
+                    parts.push((a, first));
+                }
+                result => answer("load", replies, result),
+            }
         }
         if !locate_ids.is_empty() {
             let result = instance.call(async |b, s| b.parley_plugin_store().call_locate(s, &locate_ids).await).await;
