@@ -208,7 +208,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         let (client, conn, chat_id, customer, samples, e) = r?;
         errors += e;
         connections.push(conn);
-        finished.push((client, chat_id, customer, samples.len() + 1));
+        finished.push((client, chat_id, customer, samples.len() + 1, e));
         all.extend(samples);
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -273,17 +273,20 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         println!("server disk writes:    {:.1} KB/message", bytes as f64 / 1000.0 / all.len().max(1) as f64);
     }
 
-    // Every acknowledged message must be in its transcript exactly once.
+    // Every acknowledged message must be in its transcript exactly once. A message that got
+    // no ack (an error) may or may not be stored — its client would resend it with its
+    // client_msg_id, which this generator does not.
     let mut checked = 0;
-    for (mut client, chat_id, customer, acked) in finished.into_iter().take(50) {
+    for (mut client, chat_id, customer, acked, failed) in finished.into_iter().take(50) {
         let t = client.get(&format!("/v1/chats/{chat_id}/transcript"), Some(&customer)).await?.ok()?;
         let messages = t["events"].as_array().map_or(0, |e| e.iter().filter(|e| e["kind"] == "message").count());
-        if messages != acked {
-            bail!("chat {chat_id}: {acked} messages acknowledged but {messages} in the transcript");
+        if messages < acked || messages as u64 > acked as u64 + failed {
+            bail!("chat {chat_id}: {acked} messages acknowledged and {failed} not, but {messages} in the transcript");
         }
         checked += 1;
     }
-    println!("verified: {checked} transcripts hold exactly the acknowledged messages");
+    let besides = if errors > 0 { ", besides at most the unacknowledged ones" } else { "" };
+    println!("verified: {checked} transcripts hold exactly the acknowledged messages{besides}");
     if let Some((mut child, dir)) = own_server {
         let _ = child.kill().await;
         let _ = std::fs::remove_dir_all(dir);
