@@ -103,6 +103,43 @@ async fn continue_policy_refuses_the_message_and_keeps_the_chat() {
     assert_eq!(r.status, 200);
 }
 
+/// A save can land and still fail on its way back (a database timeout after the write). The
+/// continue policy refuses that message, and its seq goes to the next message: the store must
+/// keep the acknowledged message, not the refused one, after kill -9, whether the chat's rows
+/// were still in the store's log (few messages after it) or folded into its table (many).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_whose_save_landed_does_not_displace_the_next() {
+    refused_but_landed_then(3).await;
+    refused_but_landed_then(40).await;
+}
+
+async fn refused_but_landed_then(messages_after: usize) {
+    let data = Scratch::new("ack-lost");
+    let config = data.deployment(&deployment("continue"));
+    let server = Server::start(data.path(), Some(&config));
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+    assert_eq!(customer.send("one", "c1").await.body["seq"], 3);
+    // Saved twice (the policy resends once), refused both times.
+    let r = customer.send("!ack-lost", "c2").await;
+    assert_eq!((r.status, r.error_code()), (503, Some("not_saved")));
+    let mut acked = vec![(3, "one".to_string())];
+    for i in 0..messages_after {
+        let text = format!("m{i}");
+        let r = customer.send(&text, &text).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        acked.push((r.body["seq"].as_u64().unwrap(), text));
+    }
+    assert_eq!(acked[1].0, 4, "the refused message's seq went to the next one");
+    assert_eq!(messages(&agent.transcript().await), acked);
+
+    server.kill9();
+    let server = Server::start(data.path(), Some(&config));
+    agent.moved_to(&server);
+    let t = agent.transcript().await;
+    assert_eq!(messages(&t), acked, "after kill -9, as acknowledged ({messages_after} after)");
+    scenarios::assert_dense(&t);
+}
+
 /// The `sql` capability is the granted database and nothing more: no other file (ATTACH,
 /// VACUUM INTO), no PRAGMA (durability is the deployment's, and every store writes through
 /// one shared connection), no writes or open transactions through `query`. Run on a real

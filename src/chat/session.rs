@@ -539,7 +539,8 @@ impl Session {
     }
 
     /// Drops every unsaved event and tells whoever waits for them; their numbers are reused,
-    /// so the transcript stays dense and no reader ever saw them.
+    /// so the transcript stays dense and no reader ever saw them. A failed save may still have
+    /// landed: the store keeps the later event of a seq (the `save` contract in the WIT).
     fn fail_unsaved(&mut self, why: ChatError) {
         if let Some(first) = self.unsaved.first() {
             self.next_seq = first.event.seq;

@@ -2,6 +2,8 @@
 //! texts in a saved message, so tests can prove the sandbox contains a misbehaving plugin.
 //!   "!trap"  panics (a trap)         "!loop"  spins forever (cut off by the epoch deadline)
 //!   "!oom"   allocates without bound "!fail"  returns `unavailable` for that chat only
+//!   "!ack-lost"  saves that chat, then reports `unavailable` for it anyway: a write that
+//!            landed though its answer was lost (as a database timeout can leave it)
 //!   "!slow"  takes 200 ms before saving, logging that it started (a slow disk or database:
 //!            the whole batch waits); so does every save carrying the metadata of a chat whose
 //!            subject is "!slow"
@@ -54,11 +56,13 @@ impl Guest for FaultyStore {
         let healthy_deltas: Vec<ChatDelta> = healthy.iter().map(|(_, d)| (*d).clone()).collect();
         let mut saved = tables::save(&healthy_deltas).into_iter();
         let mut results = Vec::with_capacity(deltas.len());
-        for i in 0..deltas.len() {
+        for (i, delta) in deltas.iter().enumerate() {
             if failing.iter().any(|(j, _)| *j == i) {
                 results.push(Err(StoreError::Unavailable("injected failure".to_string())));
             } else {
-                results.push(saved.next().unwrap_or(Ok(())));
+                let result = saved.next().unwrap_or(Ok(()));
+                let lost = result.is_ok() && marker(delta, "!ack-lost");
+                results.push(if lost { Err(StoreError::Unavailable("injected timeout after the write".to_string())) } else { result });
             }
         }
         results

@@ -82,20 +82,24 @@ const LOG_EVENT: &str = "INSERT INTO log
     WHERE EXISTS (SELECT 1 FROM chats WHERE chat_id = ?1 AND epoch = ?9 AND owner = {writer})";
 
 /// Copies one logged row into `events`, found by its position: nothing crosses into the plugin
-/// and back. It was accepted under the chat's epoch when logged; a resent event logged twice is
-/// the same event, so the first copy stays. A chat purged meanwhile (closed, its final
-/// transcript saved) gets nothing back.
-const FOLD_EVENT: &str = "INSERT OR IGNORE INTO events
+/// and back. It was accepted under the chat's epoch when logged. A later row of the same seq
+/// replaces an earlier one: a resent event is the same event, and a seq logged again with
+/// another event means the first save failed on its way back after it landed (a timeout), the
+/// host refused that message and gave its seq to the next one, which is the one acknowledged.
+/// Rows are folded in log order. A chat purged meanwhile (closed, its final transcript saved)
+/// gets nothing back.
+const FOLD_EVENT: &str = "INSERT OR REPLACE INTO events
     (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
     SELECT chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms FROM log
     WHERE writer = {writer} AND n = ?1 AND EXISTS (SELECT 1 FROM chats WHERE chat_id = log.chat_id)";
 
 /// Folds every row a writer left in the log, then removes them: the rows of a previous
-/// process or plugin instance of this writer, or of a writer whose lease ran out.
-const FOLD_WRITER: &str = "INSERT OR IGNORE INTO events
+/// process or plugin instance of this writer, or of a writer whose lease ran out. In key order
+/// for the B-tree, and the later of two rows of one seq last (see `FOLD_EVENT`).
+const FOLD_WRITER: &str = "INSERT OR REPLACE INTO events
     (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
     SELECT chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms FROM log
-    WHERE writer = ?1 AND EXISTS (SELECT 1 FROM chats WHERE chat_id = log.chat_id) ORDER BY chat_id, seq";
+    WHERE writer = ?1 AND EXISTS (SELECT 1 FROM chats WHERE chat_id = log.chat_id) ORDER BY chat_id, seq, n";
 const DROP_WRITER: &str = "DELETE FROM log WHERE writer = ?1";
 
 /// Cuts the rows this plugin instance logged (from `?2` on) below its oldest unfolded row.
@@ -512,23 +516,33 @@ fn load_chunk(chat_ids: &[String]) -> Result<Vec<Option<Transcript>>, StoreError
         // log to `events` in one transaction, and this sees them on one side or the other. The
         // log has no index by chat (that would dirty a page per chat again): it is scanned once
         // per call, which is why loads come in batches and only chats that exist get here.
+        // Each row with its age: folded rows are older than any logged row of their seq.
         rows.extend(query(
             &format!(
-                "SELECT chat_id, {EVENT_COLUMNS} FROM events WHERE chat_id IN ({{ids}})
-                 UNION ALL SELECT chat_id, {EVENT_COLUMNS} FROM log WHERE chat_id IN ({{ids}})"
+                "SELECT chat_id, {EVENT_COLUMNS}, 0 FROM events WHERE chat_id IN ({{ids}})
+                 UNION ALL SELECT chat_id, {EVENT_COLUMNS}, n FROM log WHERE chat_id IN ({{ids}})"
             ),
             &live.iter().collect::<Vec<_>>(),
         )?);
     }
+    let mut aged: HashMap<String, Vec<(u64, i64, Event)>> = HashMap::new();
     for r in &rows {
-        if let Some(t) = chats.get_mut(&text(&r[0])) {
-            t.events.push(event_from_row(&r[1..]));
-        }
+        let age = r.get(8).map_or(0, |v| int(v) as i64);
+        aged.entry(text(&r[0])).or_default().push((int(&r[1]), age, event_from_row(&r[1..])));
     }
-    // A resent event may be logged twice, and folded as well: the first row of a seq stays.
-    for t in chats.values_mut() {
-        t.events.sort_by_key(|e| e.seq);
-        t.events.dedup_by_key(|e| e.seq);
+    // A seq may have several rows: a resent event logged twice, or folded as well, and a seq
+    // given to the next event after a save that landed was refused (see `FOLD_EVENT`). The
+    // latest row of a seq is the event.
+    for (chat_id, mut events) in aged {
+        if let Some(t) = chats.get_mut(&chat_id) {
+            events.sort_by_key(|(seq, age, _)| (*seq, *age));
+            for (seq, _, event) in events {
+                match t.events.last_mut() {
+                    Some(last) if last.seq == seq => *last = event,
+                    _ => t.events.push(event),
+                }
+            }
+        }
     }
     // The same chat may be asked for twice in one batch.
     Ok(chat_ids.iter().map(|id| chats.get(id).cloned()).collect())
