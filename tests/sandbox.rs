@@ -131,6 +131,9 @@ async fn refused_but_landed_then(messages_after: usize) {
     }
     assert_eq!(acked[1].0, 4, "the refused message's seq went to the next one");
     assert_eq!(messages(&agent.transcript().await), acked);
+    // Saved at the chat's next epoch, so a store that orders a seq's writes by epoch
+    // (Cassandra) keeps them too.
+    assert_eq!(chat_epoch(&data, &customer.chat_id), 2);
 
     server.kill9();
     let server = Server::start(data.path(), Some(&config));
@@ -138,6 +141,17 @@ async fn refused_but_landed_then(messages_after: usize) {
     let t = agent.transcript().await;
     assert_eq!(messages(&t), acked, "after kill -9, as acknowledged ({messages_after} after)");
     scenarios::assert_dense(&t);
+}
+
+/// The chat's epoch in the instance's database, read beside the running server.
+fn chat_epoch(data: &Scratch, chat_id: &str) -> i64 {
+    use parley::plugins::bindings::sql::Value;
+    let file = parley::storage::sqlite::DatabaseFile::new(data.path().join("parley.db"), parley::config::Synchronous::Full, std::time::Duration::from_secs(5));
+    let rows = file.open().unwrap().query("SELECT epoch FROM chats WHERE chat_id = ?1", &[Value::Text(chat_id.to_string())]).unwrap();
+    match rows.first().map(|r| &r[0]) {
+        Some(Value::Integer(epoch)) => *epoch,
+        other => panic!("no epoch for chat {chat_id}: {other:?}"),
+    }
 }
 
 /// The `sql` capability is the granted database and nothing more: no other file (ATTACH,

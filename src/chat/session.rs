@@ -10,6 +10,7 @@ use crate::auth;
 use crate::kpi::Opened;
 use crate::plugins::bindings::notices::{Notice, NoticeKind};
 use crate::plugins::bindings::policy::{Decision, ErrorKind, SaveFailure};
+use crate::plugins::bindings::store::ClaimOutcome;
 use crate::plugins::bindings::types::{ChatDelta, ChatState, Transcript};
 use crate::plugins::slots::StorageError;
 use std::collections::HashMap;
@@ -62,6 +63,10 @@ struct Session {
     attempt: u32,
     last_good_save: Instant,
     retry_at: Option<tokio::time::Instant>,
+    /// Events were refused after a save that may have landed, and their seqs go to new events:
+    /// those are saved at the next epoch, claimed first, so a store that orders a seq's writes
+    /// by epoch (Cassandra) keeps the new ones.
+    next_epoch_due: bool,
     /// Closers waiting for the final transcript to be stored.
     closing: Vec<oneshot::Sender<Result<u64, ChatError>>>,
     ended: bool,
@@ -150,6 +155,7 @@ impl Session {
             attempt: 0,
             last_good_save: Instant::now(),
             retry_at: None,
+            next_epoch_due: false,
             closing: Vec::new(),
             ended: false,
             fenced: false,
@@ -207,6 +213,9 @@ impl Session {
                 }
                 _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
                     self.retry_at = None;
+                    if self.next_epoch_due {
+                        self.claim_next_epoch().await;
+                    }
                     self.start_save();
                 }
                 _ = tokio::time::sleep(self.deps.linger), if lingering => break,
@@ -415,6 +424,11 @@ impl Session {
         if self.saving.is_some() || self.retry_at.is_some() || self.unsaved.is_empty() {
             return;
         }
+        if self.next_epoch_due {
+            // Claimed first, on this task's loop (see `claim_next_epoch`).
+            self.retry_at = Some(tokio::time::Instant::now());
+            return;
+        }
         if self.deps.auto_save == 0 {
             // No intermediate saves: events are visible and acknowledged at once.
             self.in_flight = self.unsaved.len();
@@ -481,24 +495,7 @@ impl Session {
         self.meta_dirty |= self.meta_in_flight;
         self.deps.kpi.save_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if e.kind == ErrorKind::StaleEpoch {
-            // Another instance restored this chat (or may have: this instance's lease is not
-            // live). It is theirs now, and our unsaved events never were.
-            self.fail_unsaved(ChatError::Moved);
-            // Its creation itself was refused (the same keyed chat created on another instance
-            // first): it never existed here, so there is nothing to purge.
-            let never_existed = self.meta.participants.is_empty();
-            self.count_end(false);
-            self.shared.moved.send_replace(true);
-            if self.deps.purge_old_owner {
-                if !never_existed {
-                    warn!(event_id = "chat.purged", chat_id = %self.shared.id, epoch = self.epoch, cause = %e, "save refused: another instance owns this chat; dropping it");
-                    self.deps.kpi.chats_purged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                self.ended = true;
-            } else {
-                warn!(event_id = "chat.fenced", chat_id = %self.shared.id, epoch = self.epoch, cause = %e, "save refused: another instance owns this chat; keeping a read-only copy");
-                self.fenced = true;
-            }
+            self.lost_to_another(&e);
             return;
         }
         self.attempt += 1;
@@ -518,6 +515,8 @@ impl Session {
             Decision::Continue(reason) => {
                 self.raise(NoticeKind::SaveFailed, None, reason.clone());
                 self.fail_unsaved(ChatError::NotSaved(reason));
+                // Claimed before the next save (see `next_epoch_due`).
+                self.next_epoch_due = !self.ended;
             }
             Decision::Close(reason) => {
                 error!(event_id = "chat.closed_on_error", chat_id = %self.shared.id, cause = %e, "closing the chat: its transcript cannot be saved");
@@ -535,6 +534,47 @@ impl Session {
                 }
                 self.count_end(true);
             }
+        }
+    }
+
+    /// Another instance restored this chat (or may have: this instance's lease is not live).
+    /// It is theirs now, and our unsaved events never were.
+    fn lost_to_another(&mut self, e: &StorageError) {
+        self.fail_unsaved(ChatError::Moved);
+        // Its creation itself was refused (the same keyed chat created on another instance
+        // first): it never existed here, so there is nothing to purge.
+        let never_existed = self.meta.participants.is_empty();
+        self.count_end(false);
+        self.shared.moved.send_replace(true);
+        if self.deps.purge_old_owner {
+            if !never_existed {
+                warn!(event_id = "chat.purged", chat_id = %self.shared.id, epoch = self.epoch, cause = %e, "save refused: another instance owns this chat; dropping it");
+                self.deps.kpi.chats_purged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            self.ended = true;
+        } else {
+            warn!(event_id = "chat.fenced", chat_id = %self.shared.id, epoch = self.epoch, cause = %e, "save refused: another instance owns this chat; keeping a read-only copy");
+            self.fenced = true;
+        }
+    }
+
+    /// Claims this chat's next epoch from this instance itself (see `next_epoch_due`), when
+    /// there is something to save. A claim the store does not answer is a failed save of the
+    /// waiting events: the policy decides, as for any save.
+    async fn claim_next_epoch(&mut self) {
+        let claimed = self.deps.intermediate.claim(&self.shared.id, &self.deps.instance_id, self.epoch).await;
+        match claimed {
+            Ok(ClaimOutcome::Claimed(epoch)) => {
+                info!(event_id = "chat.epoch_advanced", chat_id = %self.shared.id, epoch, "refused events may have landed: their seqs are saved anew at the next epoch");
+                self.epoch = epoch;
+                self.next_epoch_due = false;
+            }
+            Ok(ClaimOutcome::EpochMoved(_) | ClaimOutcome::OwnerAlive(_)) => {
+                let message = format!("chat {} has moved past epoch {} of this instance", self.shared.id, self.epoch);
+                self.next_epoch_due = false;
+                self.lost_to_another(&StorageError { kind: ErrorKind::StaleEpoch, message });
+            }
+            Err(e) => self.on_save_failed(e).await,
         }
     }
 

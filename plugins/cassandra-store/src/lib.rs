@@ -35,7 +35,9 @@ const CREATE_CHAT: &str = "INSERT INTO parley.chats (chat_id, epoch, owner, stat
 /// Only while the writer holds the chat's epoch: a stale owner's late write is not applied.
 const UPDATE_META: &str = "UPDATE parley.chats SET state = ?, meta = ? WHERE chat_id = ? IF epoch = ? AND owner = ?";
 /// Written at timestamp = the chat's epoch (see the module doc): later epochs win; within one
-/// epoch a row is only ever rewritten with the same event (a resend).
+/// epoch a row is only ever rewritten with the same event (a resend). A seq the host gives to
+/// another event, after refusing a save that may have landed, is written at the next epoch:
+/// the host claims it from itself first.
 const INSERT_EVENT: &str = "INSERT INTO parley.events
     (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms, epoch)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?";
