@@ -1,6 +1,7 @@
 //! Parley on a real Apache Cassandra 5.0 node (started by `cassandra/node.sh start` if it
 //! is not running yet: Java 17 and Maven are needed): the foundation's conversation and the N+1 cluster's kill -9 tests with Cassandra
-//! as the store, non-ASCII text and row TTLs, and Cassandra stopped and started mid-chat.
+//! as the store, non-ASCII text and row TTLs, Cassandra stopped and started mid-chat, and a
+//! refused save that landed.
 //! Each test has a keyspace of its own, made by `parley storage init`.
 
 mod common;
@@ -247,6 +248,63 @@ settings = { resend_attempts = "2", resend_delay_ms = "300", on_error = "close" 
     // The chat closed by the policy (and dropped again when the lease lapsed) left the
     // open-chats gauge once: only the new chat counts.
     assert_eq!(server.kpi().await["sessions_current"], 1);
+}
+
+/// A save can land and still be reported failed (the answer lost in a timeout). With the
+/// `continue` policy the host refuses the message and gives its seq to the next one: that one,
+/// acknowledged, must be what the store keeps. Here the save fails because the node is stopped,
+/// and the row it would have left is written as the store writes it (at the chat's epoch); the
+/// chat is then handed over, so the transcript the participants see is loaded from Cassandra.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_save_that_landed_loses_to_the_acknowledged_message() {
+    let _node = NODE.write().await;
+    let on = OnCassandra::new(
+        "landed",
+        r#"
+# Leases outlast the outage; the drain hands the chat over at once.
+lease_ms = 60000
+renew_ms = 1000
+
+[server]
+drain_deadline_ms = 800
+
+[plugins.save-error-policy]
+file = "builtin:default-policy"
+settings = { resend_attempts = "0", on_error = "continue" }
+"#,
+    );
+    let (a, b) = (on.start(), on.start());
+    let (mut customer, mut agent) = open_chat(&a, "Ann").await;
+    assert_eq!(customer.send("one", "c1").await.body["seq"], 3);
+
+    node_script("stop");
+    let r = customer.send("refused", "c2").await;
+    assert_eq!((r.status, r.error_code()), (503, Some("not_saved")), "{:?}", r.body);
+    node_script("start");
+    let mut probe = a.client();
+    let until = Instant::now() + Duration::from_secs(30);
+    while probe.get("/readyz", None).await.unwrap().status != 200 {
+        assert!(Instant::now() < until, "ready again once Cassandra answers");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The refused message's row, as if its save had landed: seq 4, written at epoch 1. Its
+    // text sorts after the next message's, so a tie of write timestamps would keep it.
+    let session = on.session().await;
+    let landed = format!(
+        "INSERT INTO {}.events (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms, epoch)
+         VALUES (?, 4, 'message', ?, 'Ann', 'refused', 'c2', 0, 1) USING TIMESTAMP 1",
+        on.section.keyspace
+    );
+    let written = session.query(&landed, &[vec![Cql::Text(customer.chat_id.clone()), Cql::Text(customer.id.clone())]]).await;
+    assert!(written.into_iter().all(|r| r.is_ok()), "the landed row is written");
+
+    let r = customer.send("next", "c3").await;
+    assert_eq!((r.status, r.body["seq"].as_u64()), (200, Some(4)), "{:?}", r.body);
+    a.terminate();
+    assert_eq!(a.exited().await, 0);
+    agent.moved_to(&b);
+    let t = agent.transcript().await;
+    assert_eq!(messages(&t), [(3, "one".to_string()), (4, "next".to_string())], "{t}");
 }
 
 async fn wait_for_event(log: &Path, id: &str, within: Duration) {
