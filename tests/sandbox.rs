@@ -143,6 +143,37 @@ async fn refused_but_landed_then(messages_after: usize) {
     scenarios::assert_dense(&t);
 }
 
+/// The same, and then the store stays away: the next message waits for the chat's next epoch,
+/// whose claim fails, so the policy decides as for a failed save (resend once, then refuse)
+/// and the message is refused promptly instead of waiting. Once the store answers, the chat
+/// goes on at its next epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_epoch_the_store_cannot_grant_is_a_failed_save() {
+    let data = Scratch::new("ack-lost-down");
+    let config = data.deployment(&deployment("continue"));
+    let server = Server::start(data.path(), Some(&config));
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+    assert_eq!(customer.send("one", "c1").await.body["seq"], 3);
+    let r = customer.send("!ack-lost-then-down", "c2").await;
+    assert_eq!((r.status, r.error_code()), (503, Some("not_saved")));
+    let sent = std::time::Instant::now();
+    let r = customer.send("while down", "c3").await;
+    assert_eq!((r.status, r.error_code()), (503, Some("not_saved")), "{:?}", r.body);
+    assert!(sent.elapsed() < std::time::Duration::from_millis(900), "refused within the outage: {:?}", sent.elapsed());
+    assert_eq!(chat_epoch(&data, &customer.chat_id), 1, "no claim got through");
+
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    let r = customer.send("after", "c4").await;
+    assert_eq!((r.status, r.body["seq"].as_u64()), (200, Some(4)), "{:?}", r.body);
+    assert_eq!(chat_epoch(&data, &customer.chat_id), 2);
+    let acked = vec![(3, "one".to_string()), (4, "after".to_string())];
+    assert_eq!(messages(&agent.transcript().await), acked);
+    server.kill9();
+    let server = Server::start(data.path(), Some(&config));
+    agent.moved_to(&server);
+    assert_eq!(messages(&agent.transcript().await), acked, "after kill -9");
+}
+
 /// The chat's epoch in the instance's database, read beside the running server.
 fn chat_epoch(data: &Scratch, chat_id: &str) -> i64 {
     use parley::plugins::bindings::sql::Value;

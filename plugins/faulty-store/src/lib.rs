@@ -4,6 +4,8 @@
 //!   "!oom"   allocates without bound "!fail"  returns `unavailable` for that chat only
 //!   "!ack-lost"  saves that chat, then reports `unavailable` for it anyway: a write that
 //!            landed though its answer was lost (as a database timeout can leave it)
+//!   "!ack-lost-then-down"  the same, and every claim fails for the next second (the database
+//!            went away after that write)
 //!   "!slow"  takes 200 ms before saving, logging that it started (a slow disk or database:
 //!            the whole batch waits); so does every save carrying the metadata of a chat whose
 //!            subject is "!slow"
@@ -18,6 +20,11 @@ mod tables;
 use exports::parley::plugin::store::{ChatDelta, ClaimOutcome, ClaimRequest, Guest, Location, Member, Settings, StoreError, Transcript};
 
 struct FaultyStore;
+
+thread_local! {
+    /// Claims fail until this monotonic time (ns).
+    static CLAIMS_DOWN_UNTIL: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 fn marker(delta: &ChatDelta, m: &str) -> bool {
     delta.events.iter().any(|e| e.text == m)
@@ -61,7 +68,10 @@ impl Guest for FaultyStore {
                 results.push(Err(StoreError::Unavailable("injected failure".to_string())));
             } else {
                 let result = saved.next().unwrap_or(Ok(()));
-                let lost = result.is_ok() && marker(delta, "!ack-lost");
+                if result.is_ok() && marker(delta, "!ack-lost-then-down") {
+                    CLAIMS_DOWN_UNTIL.set(parley::plugin::clock::monotonic_now_ns() + 1_000_000_000);
+                }
+                let lost = result.is_ok() && (marker(delta, "!ack-lost") || marker(delta, "!ack-lost-then-down"));
                 results.push(if lost { Err(StoreError::Unavailable("injected timeout after the write".to_string())) } else { result });
             }
         }
@@ -77,6 +87,9 @@ impl Guest for FaultyStore {
         chat_ids.iter().map(|id| tables::locate(id)).collect()
     }
     fn claim(owner: String, requests: Vec<ClaimRequest>, now_ms: u64) -> Vec<Result<ClaimOutcome, StoreError>> {
+        if parley::plugin::clock::monotonic_now_ns() < CLAIMS_DOWN_UNTIL.get() {
+            return requests.iter().map(|_| Err(StoreError::Unavailable("injected outage".to_string()))).collect();
+        }
         tables::claim(&owner, &requests, now_ms)
     }
     fn load(chat_ids: Vec<String>) -> Vec<Result<Option<Transcript>, StoreError>> {
