@@ -114,14 +114,8 @@ async fn a_refused_message_whose_save_landed_does_not_displace_the_next() {
 }
 
 async fn refused_but_landed_then(messages_after: usize) {
-    let data = Scratch::new("ack-lost");
-    let config = data.deployment(&deployment("continue"));
-    let server = Server::start(data.path(), Some(&config));
-    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
-    assert_eq!(customer.send("one", "c1").await.body["seq"], 3);
     // Saved twice (the policy resends once), refused both times.
-    let r = customer.send("!ack-lost", "c2").await;
-    assert_eq!((r.status, r.error_code()), (503, Some("not_saved")));
+    let RefusedChat { data, config, server, mut customer, mut agent } = RefusedChat::open("ack-lost", "!ack-lost").await;
     let mut acked = vec![(3, "one".to_string())];
     for i in 0..messages_after {
         let text = format!("m{i}");
@@ -135,10 +129,7 @@ async fn refused_but_landed_then(messages_after: usize) {
     // (Cassandra) keeps them too.
     assert_eq!(chat_epoch(&data, &customer.chat_id), 2);
 
-    server.kill9();
-    let server = Server::start(data.path(), Some(&config));
-    agent.moved_to(&server);
-    let t = agent.transcript().await;
+    let t = after_kill_9(&data, &config, server, &mut agent).await;
     assert_eq!(messages(&t), acked, "after kill -9, as acknowledged ({messages_after} after)");
     scenarios::assert_dense(&t);
 }
@@ -149,13 +140,7 @@ async fn refused_but_landed_then(messages_after: usize) {
 /// goes on at its next epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_next_epoch_the_store_cannot_grant_is_a_failed_save() {
-    let data = Scratch::new("ack-lost-down");
-    let config = data.deployment(&deployment("continue"));
-    let server = Server::start(data.path(), Some(&config));
-    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
-    assert_eq!(customer.send("one", "c1").await.body["seq"], 3);
-    let r = customer.send("!ack-lost-then-down", "c2").await;
-    assert_eq!((r.status, r.error_code()), (503, Some("not_saved")));
+    let RefusedChat { data, config, server, mut customer, mut agent } = RefusedChat::open("ack-lost-down", "!ack-lost-then-down").await;
     let sent = std::time::Instant::now();
     let r = customer.send("while down", "c3").await;
     assert_eq!((r.status, r.error_code()), (503, Some("not_saved")), "{:?}", r.body);
@@ -168,10 +153,38 @@ async fn a_next_epoch_the_store_cannot_grant_is_a_failed_save() {
     assert_eq!(chat_epoch(&data, &customer.chat_id), 2);
     let acked = vec![(3, "one".to_string()), (4, "after".to_string())];
     assert_eq!(messages(&agent.transcript().await), acked);
+    let t = after_kill_9(&data, &config, server, &mut agent).await;
+    assert_eq!(messages(&t), acked, "after kill -9");
+}
+
+/// A chat on the continue policy: "one" acknowledged as seq 3, then `marker` refused.
+struct RefusedChat {
+    data: Scratch,
+    config: std::path::PathBuf,
+    server: Server,
+    customer: Participant,
+    agent: Participant,
+}
+
+impl RefusedChat {
+    async fn open(name: &str, marker: &str) -> Self {
+        let data = Scratch::new(name);
+        let config = data.deployment(&deployment("continue"));
+        let server = Server::start(data.path(), Some(&config));
+        let (mut customer, agent) = open_chat(&server, "Ann").await;
+        assert_eq!(customer.send("one", "c1").await.body["seq"], 3);
+        let r = customer.send(marker, "c2").await;
+        assert_eq!((r.status, r.error_code()), (503, Some("not_saved")), "{marker}");
+        RefusedChat { data, config, server, customer, agent }
+    }
+}
+
+/// `p`'s transcript after kill -9 of `server` and a restart on the same data.
+async fn after_kill_9(data: &Scratch, config: &std::path::Path, server: Server, p: &mut Participant) -> serde_json::Value {
     server.kill9();
-    let server = Server::start(data.path(), Some(&config));
-    agent.moved_to(&server);
-    assert_eq!(messages(&agent.transcript().await), acked, "after kill -9");
+    let server = Server::start(data.path(), Some(config));
+    p.moved_to(&server);
+    p.transcript().await
 }
 
 /// The chat's epoch in the instance's database, read beside the running server.
