@@ -2,11 +2,13 @@
 //! that the SQLite store was measured with: rows clustered by chat (one dirtied page per chat a
 //! commit carries), rows appended in saving order (a few pages per commit, but no chat's rows
 //! together), and appended rows copied into the clustered table 32 of a chat's rows at a time
-//! with the log's prefix cut (what `plugins/sqlite-store` does). No plugin, no HTTP: rusqlite on
-//! a real file, WAL, the store's schema, `chats` chats each getting one event per commit in
-//! random order.
+//! with the log's prefix cut (the store until 2026-11-28), and the same with the log keyed by an
+//! integer position, SQLite's rowid, so that appends go to the table's end without rebalancing
+//! the pages before it (`positioned`: what `plugins/sqlite-store` does, folding 128 at a time).
+//! No plugin, no HTTP: rusqlite on a real file, WAL, the store's schema, `chats` chats each
+//! getting one event per commit in random order.
 //!
-//!     cargo run --release --example sqlite_layouts -- clustered|appended|folded [events per commit] [total events] [full|normal]
+//!     cargo run --release --example sqlite_layouts -- clustered|appended|folded|positioned [events per commit] [total events] [full|normal] [fold at]
 //!
 //! It prints µs per event and the slowest commit. The file is `sqlite-layouts.db` in the
 //! system's temp directory, replaced on every run.
@@ -16,7 +18,6 @@ use rusqlite::{Connection, params};
 use std::time::Instant;
 
 const CHATS: usize = 1000;
-const FOLD_AT: usize = 32;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -24,7 +25,8 @@ fn main() {
     let per_commit: usize = args.get(2).map_or(300, |s| s.parse().expect("events per commit"));
     let total: usize = args.get(3).map_or(300_000, |s| s.parse().expect("total events"));
     let synchronous = args.get(4).map_or("full", String::as_str);
-    assert!(["clustered", "appended", "folded"].contains(&layout), "layout: clustered, appended or folded");
+    let fold_at: usize = args.get(5).map_or(32, |s| s.parse().expect("rows per fold"));
+    assert!(["clustered", "appended", "folded", "positioned"].contains(&layout), "layout: clustered, appended, folded or positioned");
     assert!(per_commit <= CHATS, "at most one event per chat per commit ({CHATS} chats)");
 
     let path = std::env::temp_dir().join("sqlite-layouts.db");
@@ -45,6 +47,14 @@ fn main() {
             PRIMARY KEY (writer, n)) WITHOUT ROWID;",
     )
     .unwrap();
+    if layout == "positioned" {
+        conn.execute_batch(
+            "DROP TABLE log; CREATE TABLE log (n INTEGER PRIMARY KEY, writer TEXT NOT NULL, chat_id TEXT NOT NULL,
+                seq INTEGER NOT NULL, kind TEXT NOT NULL, participant_id TEXT NOT NULL, nickname TEXT NOT NULL,
+                text TEXT NOT NULL, client_msg_id TEXT, at_ms INTEGER NOT NULL);",
+        )
+        .unwrap();
+    }
     let chats: Vec<String> = (0..CHATS).map(|i| format!("{:016x}{:016x}", i * 7919, i)).collect();
     for chat in &chats {
         conn.execute("INSERT INTO chats VALUES (?1, 1, 'a', 'active', '{}')", params![chat]).unwrap();
@@ -86,9 +96,9 @@ fn main() {
                 _ => statement.execute(params![chat, seqs[c], agent, text, msg_id, n]),
             }
             .unwrap();
-            if layout == "folded" {
+            if layout == "folded" || layout == "positioned" {
                 logged[c].push(n);
-                if logged[c].len() >= FOLD_AT {
+                if logged[c].len() >= fold_at {
                     let mut statement = tx.prepare_cached(fold).unwrap();
                     for at in logged[c].drain(..) {
                         statement.execute(params![at]).unwrap();
@@ -107,7 +117,7 @@ fn main() {
     }
     let elapsed = started.elapsed().as_secs_f64();
     println!(
-        "{layout}, {per_commit} events per commit, synchronous {synchronous}: {:.1} µs per event ({:.0} events/s), slowest commit {:.1} ms",
+        "{layout}, {per_commit} events per commit, synchronous {synchronous}, fold at {fold_at}: {:.1} µs per event ({:.0} events/s), slowest commit {:.1} ms",
         elapsed * 1e6 / done as f64,
         done as f64 / elapsed,
         slowest * 1e3

@@ -175,7 +175,7 @@ async fn a_full_disk_refuses_messages_until_space_is_freed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_store_delays_acknowledgements_and_loses_nothing() {
     let data = Scratch::new("slow-store");
-    let config = faulty_store(&data);
+    let config = faulty_store(&data, "");
     let server = Server::start(data.path(), Some(&config));
     let (mut slow, _) = open_chat(&server, "Sol").await;
     let mut others = Vec::new();
@@ -225,7 +225,7 @@ async fn a_slow_store_delays_acknowledgements_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_creates_and_joins_are_answered_once_saved() {
     let data = Scratch::new("retried-open");
-    let config = faulty_store(&data);
+    let config = faulty_store(&data, "");
     let server = Server::start(data.path(), Some(&config));
 
     let create = json!({"nickname": "Ann", "subject": "!slow", "client_request_id": "retried-create-0123456789"});
@@ -314,8 +314,9 @@ async fn a_save_that_outlives_its_lease_is_not_acknowledged() {
 
 /// A deployment whose intermediate store is the faulty test store (faults by marker texts),
 /// with a deadline well above its 200 ms "!slow".
-fn faulty_store(data: &Scratch) -> std::path::PathBuf {
-    data.deployment(&format!("[plugins.intermediate]\nfile = \"{}/faulty_store.wasm\"\ndeadline_ms = 1000\n", parley::plugins::builtin::PLUGIN_DIR))
+/// A deployment with the faulty store as `intermediate`, and `more` (TOML) after it.
+fn faulty_store(data: &Scratch, more: &str) -> std::path::PathBuf {
+    data.deployment(&format!("[plugins.intermediate]\nfile = \"{}/faulty_store.wasm\"\ndeadline_ms = 1000\n{more}", parley::plugins::builtin::PLUGIN_DIR))
 }
 
 /// The transcript as this participant sees it; fails if its token lost its seat.
@@ -393,7 +394,7 @@ async fn keep_sending(mut customer: Participant, how_long: Duration, pause: Dura
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_outlive_a_recreated_store_plugin_and_kill_9() {
     let data = Scratch::new("store-log");
-    let config = faulty_store(&data);
+    let config = faulty_store(&data, "[limits]\nmessages_per_second = 0\n");
     let server = Server::start(data.path(), Some(&config));
     let (mut customer, _) = open_chat(&server, "Kim").await;
     let (mut victim, _) = open_chat(&server, "Vic").await;
@@ -406,11 +407,11 @@ async fn messages_outlive_a_recreated_store_plugin_and_kill_9() {
             acked.push((r.body["seq"].as_u64().unwrap(), text));
         }
     };
-    // A chat's rows are folded 32 at a time: after 45, some are folded and some only logged.
-    send(&mut customer, &mut acked, "before", 45).await;
+    // A chat's rows are folded 128 at a time: after 150, some are folded and some only logged.
+    send(&mut customer, &mut acked, "before", 150).await;
     let r = victim.send("!trap", "v1").await;
     assert_eq!(r.status, 503, "the trapping save fails: {:?}", r.body);
-    send(&mut customer, &mut acked, "after the trap", 45).await;
+    send(&mut customer, &mut acked, "after the trap", 150).await;
     server.kill9();
 
     let server = Server::start(data.path(), Some(&config));
@@ -424,6 +425,99 @@ async fn messages_outlive_a_recreated_store_plugin_and_kill_9() {
     let server = Server::start(data.path(), Some(&config));
     customer.moved_to(&server);
     assert_eq!(messages(&customer.transcript().await), acked, "and again after a second kill -9");
+    // The restored instance folded what its previous runs logged (this store folds 16 rows per
+    // transaction, so all of it takes many); it has logged no message since.
+    let db = rusqlite::Connection::open(data.path().join("parley.db")).unwrap();
+    let left: i64 = db.query_row("SELECT count(*) FROM event_log WHERE kind = 'message'", [], |r| r.get(0)).unwrap();
+    assert_eq!(left, 0, "messages of the previous runs are still in the log");
+}
+
+/// The store cuts its log below the oldest row not yet folded into the chats' table, and folds
+/// a chat once it has many rows: a quiet chat with one logged message would hold the cut back
+/// for as long as it stays open, while the busy chats' rows pile up behind it. The log keeps at
+/// most a span of rows from its oldest unfolded one (256 in the faulty store, which shares the
+/// store's code), folding the quiet chat when the span is reached; nothing is lost on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_chat_does_not_hold_the_log_back() {
+    let data = Scratch::new("quiet-chat");
+    let config = faulty_store(&data, "[limits]\nmessages_per_second = 0\n");
+    let server = Server::start(data.path(), Some(&config));
+    let (mut quiet, _) = open_chat(&server, "Quinn").await;
+    let r = quiet.send("hello", "q1").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let quiet_acked = vec![(r.body["seq"].as_u64().unwrap(), "hello".to_string())];
+    let (mut busy, _) = open_chat(&server, "Bea").await;
+    let mut busy_acked = Vec::new();
+    let db = rusqlite::Connection::open_with_flags(data.path().join("parley.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let mut most = 0;
+    for m in 0..600 {
+        let text = format!("busy {m}");
+        let r = busy.send(&text, &text).await;
+        assert_eq!(r.status, 200, "{text}: {:?}", r.body);
+        busy_acked.push((r.body["seq"].as_u64().unwrap(), text));
+        let rows: i64 = db.query_row("SELECT count(*) FROM event_log", [], |r| r.get(0)).unwrap();
+        most = most.max(rows);
+    }
+    assert!(most <= 257, "the log held {most} rows: the quiet chat's one row kept the rows after it");
+    server.kill9();
+
+    let server = Server::start(data.path(), Some(&config));
+    quiet.moved_to(&server);
+    busy.moved_to(&server);
+    assert_eq!(messages(&quiet.transcript().await), quiet_acked);
+    assert_eq!(messages(&busy.transcript().await), busy_acked);
+}
+
+/// Stores before 2026-11-28 logged new events in a table `log`, keyed by the writer and its own
+/// count, where this store logs into `event_log`. A database such a store left after a kill -9,
+/// with messages still in that log, restores them; so does a chat an instance of the previous
+/// version handed over during a rolling upgrade. The rows are written here as that store wrote
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_the_previous_stores_log_are_restored() {
+    let data = Scratch::new("previous-log");
+    let server = Server::start(data.path(), None);
+    let (mut customer, _) = open_chat(&server, "Ola").await;
+    let mut acked = Vec::new();
+    for m in 0..3 {
+        let text = format!("new {m}");
+        let r = customer.send(&text, &text).await;
+        assert_eq!(r.status, 200, "{text}: {:?}", r.body);
+        acked.push((r.body["seq"].as_u64().unwrap(), text));
+    }
+    server.kill9();
+
+    {
+        let db = rusqlite::Connection::open(data.path().join("parley.db")).unwrap();
+        let owner: String = db.query_row("SELECT owner FROM chats WHERE chat_id = ?1", [&customer.chat_id], |r| r.get(0)).unwrap();
+        let mut seq = acked.last().unwrap().0;
+        for (n, text) in [(1, "previous 1"), (2, "previous 2")] {
+            seq += 1;
+            db.execute(
+                "INSERT INTO log (writer, n, chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
+                 VALUES (?1, ?2, ?3, ?4, 'message', ?5, 'Ola', ?6, ?6, 1764288000000)",
+                rusqlite::params![owner, n, customer.chat_id, seq as i64, customer.id, text],
+            )
+            .unwrap();
+            acked.push((seq, text.to_string()));
+        }
+    }
+    let server = Server::start(data.path(), None);
+    customer.moved_to(&server);
+    let restored = customer.transcript().await;
+    scenarios::assert_dense(&restored);
+    assert_eq!(messages(&restored), acked, "the messages of both logs, in order");
+    let r = customer.send("after", "after").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    acked.push((r.body["seq"].as_u64().unwrap(), "after".to_string()));
+    server.kill9();
+
+    let server = Server::start(data.path(), None);
+    customer.moved_to(&server);
+    assert_eq!(messages(&customer.transcript().await), acked, "and again after a second kill -9");
+    let db = rusqlite::Connection::open(data.path().join("parley.db")).unwrap();
+    let left: i64 = db.query_row("SELECT count(*) FROM log", [], |r| r.get(0)).unwrap();
+    assert_eq!(left, 0, "the previous log's rows were folded into the transcript table");
 }
 
 /// Chats opened together fill up together: they reach the SQLite store's fold threshold in the
@@ -470,14 +564,14 @@ async fn chats_filling_up_together_are_intact_after_kill_9() {
             assert_eq!(&messages(&restored), acked, "chat {}", customer.chat_id);
         }
     };
-    // The chats' logged rows pass 32 at about the 30th message.
-    let mut chats = rounds(chats, 0..36).await;
+    // The chats' logged rows pass 128 at about the 126th message.
+    let mut chats = rounds(chats, 0..132).await;
     server.kill9();
     no_fault(1);
 
     let server = Server::start_logged(data.path(), Some(&config), &log(2));
     check(&server, &mut chats).await;
-    let mut chats = rounds(chats, 36..70).await;
+    let mut chats = rounds(chats, 132..264).await;
     server.kill9();
     no_fault(2);
 

@@ -17,6 +17,10 @@ mod names;
 #[path = "../../sqlite-store/src/tables.rs"]
 mod tables;
 
+/// Small, so that the tests on this store go through many blocks of the log, fold a quiet
+/// chat for the span of the log soon, and fold a writer's log in several transactions.
+const LOG_SIZES: tables::LogSizes = tables::LogSizes { block_rows: 64, span: 256, fold_chunk: 16 };
+
 use exports::parley::plugin::store::{ChatDelta, ClaimOutcome, ClaimRequest, Guest, Location, Member, Settings, StoreError, Transcript};
 
 struct FaultyStore;

@@ -1,9 +1,12 @@
 //! The SQL behind the SQLite store: schema, fenced group-commit saves, claims, loads.
 //! Shared as source with the faulty test store so both run exactly the same storage code.
 //!
-//! A group commit appends its events to `log`, in the order they are saved, so it writes a
+//! A group commit appends its events to `event_log`, in the order they are saved, so it writes a
 //! few consecutive pages whatever the number of chats it carries (a row in `events`, which
-//! keeps each chat's rows together for loads, dirties one page per chat). The store keeps the
+//! keeps each chat's rows together for loads, dirties one page per chat). A row's key is its
+//! position `n`, an integer: each writer appends in a block of positions of its own, and the
+//! newest block is the table's end, where SQLite appends without rebalancing the pages before
+//! it. The store keeps the
 //! rows it logged in memory and copies ("folds") a chat's rows into `events` once it has
 //! `CHAT_ROWS` of them, or once it holds the oldest row of a log grown past `LOG_ROWS` or
 //! `LOG_BYTES`: one page for many events. Chats that reach `CHAT_ROWS` together (chats opened
@@ -24,6 +27,7 @@ use crate::exports::parley::plugin::store::{ChatDelta, ClaimOutcome, ClaimReques
 use crate::parley::plugin::sql::{self, SqlError, Statement, Value};
 use crate::names::{kind_name, parse_kind, parse_state, state_name};
 use crate::parley::plugin::types::{ChatState, Event};
+use crate::LOG_SIZES;
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS chats (
@@ -41,7 +45,17 @@ const SCHEMA: &[&str] = &[
         participant_id TEXT NOT NULL, nickname TEXT NOT NULL, text TEXT NOT NULL,
         client_msg_id TEXT, at_ms INTEGER NOT NULL,
         PRIMARY KEY (chat_id, seq)) WITHOUT ROWID",
-    // New events of every writer (instance id), in saving order, until folded into `events`.
+    // New events of every writer (instance id), in saving order, until folded into `events`;
+    // `n` in a block of `log_blocks` held by the writer.
+    "CREATE TABLE IF NOT EXISTS event_log (
+        n INTEGER PRIMARY KEY, writer TEXT NOT NULL, chat_id TEXT NOT NULL, seq INTEGER NOT NULL,
+        kind TEXT NOT NULL, participant_id TEXT NOT NULL, nickname TEXT NOT NULL, text TEXT NOT NULL,
+        client_msg_id TEXT, at_ms INTEGER NOT NULL)",
+    // Block b holds the positions from b * LOG_SIZES.block_rows on. Taken max + 1, never given back.
+    "CREATE TABLE IF NOT EXISTS log_blocks (block INTEGER PRIMARY KEY, writer TEXT NOT NULL)",
+    // The log as stores before 2026-11-28 wrote it (key: writer, then the writer's own count).
+    // No longer written; read by loads and folded with its writer's rows, so a database from
+    // before, and instances of the previous version during a rolling upgrade, lose nothing.
     "CREATE TABLE IF NOT EXISTS log (
         writer TEXT NOT NULL, n INTEGER NOT NULL, chat_id TEXT NOT NULL, seq INTEGER NOT NULL,
         kind TEXT NOT NULL, participant_id TEXT NOT NULL, nickname TEXT NOT NULL, text TEXT NOT NULL,
@@ -76,7 +90,7 @@ const UPSERT_CHAT: &str = "INSERT INTO chats (chat_id, epoch, owner, state, meta
 
 /// Logs one event while the writer (`{writer}`, a quoted literal) holds the chat's epoch: the
 /// same fence as the chat row.
-const LOG_EVENT: &str = "INSERT INTO log
+const LOG_EVENT: &str = "INSERT INTO event_log
     (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms, writer, n)
     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, {writer}, ?10
     WHERE EXISTS (SELECT 1 FROM chats WHERE chat_id = ?1 AND epoch = ?9 AND owner = {writer})";
@@ -90,29 +104,59 @@ const LOG_EVENT: &str = "INSERT INTO log
 /// gets nothing back.
 const FOLD_EVENT: &str = "INSERT OR REPLACE INTO events
     (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
-    SELECT chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms FROM log
-    WHERE writer = {writer} AND n = ?1 AND EXISTS (SELECT 1 FROM chats WHERE chat_id = log.chat_id)";
+    SELECT chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms FROM event_log
+    WHERE n = ?1 AND EXISTS (SELECT 1 FROM chats WHERE chat_id = event_log.chat_id)";
 
-/// Folds every row a writer left in the log, then removes them: the rows of a previous
-/// process or plugin instance of this writer, or of a writer whose lease ran out. In key order
-/// for the B-tree, and the later of two rows of one seq last (see `FOLD_EVENT`).
-const FOLD_WRITER: &str = "INSERT OR REPLACE INTO events
-    (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
-    SELECT chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms FROM log
-    WHERE writer = ?1 AND EXISTS (SELECT 1 FROM chats WHERE chat_id = log.chat_id) ORDER BY chat_id, seq, n";
-const DROP_WRITER: &str = "DELETE FROM log WHERE writer = ?1";
+/// Folds the rows a writer left in the log, then removes them: the rows of a previous process
+/// or plugin instance of this writer, or of a writer whose lease ran out. First those of the
+/// log of stores before 2026-11-28 (older than any of `event_log`), then `event_log`'s,
+/// `LogSizes::fold_chunk` rows per transaction, so other writers are not held up for the whole log. In
+/// key order for the B-tree, and the later of two rows of one seq last (see `FOLD_EVENT`).
+const FOLD_PREVIOUS_LOG: [&str; 2] = [
+    "INSERT OR REPLACE INTO events
+        (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
+        SELECT chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms FROM log
+        WHERE writer = ?1 AND EXISTS (SELECT 1 FROM chats WHERE chat_id = log.chat_id) ORDER BY chat_id, seq, n",
+    "DELETE FROM log WHERE writer = ?1",
+];
+const FOLD_WRITER: [&str; 2] = [
+    "INSERT OR REPLACE INTO events
+        (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
+        SELECT chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms FROM event_log
+        WHERE n IN (SELECT n FROM event_log WHERE writer = ?1 ORDER BY n LIMIT ?2)
+            AND EXISTS (SELECT 1 FROM chats WHERE chat_id = event_log.chat_id) ORDER BY chat_id, seq, n",
+    "DELETE FROM event_log WHERE n IN (SELECT n FROM event_log WHERE writer = ?1 ORDER BY n LIMIT ?2)",
+];
 
-/// Cuts the rows this plugin instance logged (from `?2` on) below its oldest unfolded row.
-const CUT_LOG: &str = "DELETE FROM log WHERE writer = ?1 AND n >= ?2 AND n < ?3";
+/// Cuts the rows this plugin instance logged, from its last cut (`?2`) to its oldest unfolded
+/// row (`?3`).
+const CUT_LOG: &str = "DELETE FROM event_log WHERE n >= ?2 AND n < ?3 AND writer = ?1";
+
+/// Takes the block after the highest one taken; a writer that took the same block at the same
+/// time changes nothing, and asks again.
+const TAKE_BLOCK: &str = "INSERT OR IGNORE INTO log_blocks (block, writer) VALUES (?1, ?2)";
 
 /// A chat is folded once it has this many logged rows (as many such rows per commit as
 /// `FOLD_PER_EVENT` times the events it logs, at least one chat's)...
-const CHAT_ROWS: usize = 32;
+const CHAT_ROWS: usize = 128;
 const FOLD_PER_EVENT: usize = 2;
-/// ...or holds the oldest row while the log holds more than this many rows or text bytes.
+/// ...or holds the oldest row while the log holds more than this many unfolded rows or text
+/// bytes, or more than `LogSizes::span` rows from that row on, folded or not (the log is cut below
+/// its oldest unfolded row: one quiet chat would otherwise keep every row logged after it).
 /// Together they bound what a load scans and what the plugin keeps in memory.
-const LOG_ROWS: usize = 16_384;
+const LOG_ROWS: usize = 65_536;
 const LOG_BYTES: usize = 8 << 20;
+
+/// The sizes of the log that differ between the two stores built from this code: the faulty
+/// test store's are small, so that its tests reach every bound.
+pub struct LogSizes {
+    /// Positions in one block of the log.
+    pub block_rows: i64,
+    /// The most rows the log keeps from a writer's oldest unfolded row on.
+    pub span: u64,
+    /// Rows folded per transaction when a writer's whole log is folded.
+    pub fold_chunk: i64,
+}
 
 const EVENT_COLUMNS: &str = "seq, kind, participant_id, nickname, text, client_msg_id, at_ms";
 
@@ -126,12 +170,11 @@ pub fn init(_settings: &Settings) -> Result<(), StoreError> {
 
 /// What one plugin instance logged as one writer and has not folded yet.
 struct Writer {
-    /// `LOG_EVENT` and `FOLD_EVENT` for this writer.
+    /// `LOG_EVENT` for this writer.
     log_sql: String,
-    fold_sql: String,
-    /// The first `n` this instance logged: rows below it are not its own.
-    first_n: i64,
     next_n: i64,
+    /// The end of its block of positions.
+    block_end: i64,
     /// Its rows below this are cut already.
     cut_below: i64,
     chats: HashMap<String, Logged>,
@@ -141,10 +184,14 @@ struct Writer {
     ripe: BTreeSet<i64>,
     rows: usize,
     bytes: usize,
+    /// Rows this instance logged so far.
+    logged: u64,
 }
 
 struct Logged {
     first_n: i64,
+    /// The writer's `logged` count at its first row.
+    first_count: u64,
     /// Where its rows are in the log.
     rows: Vec<i64>,
     bytes: usize,
@@ -156,24 +203,23 @@ thread_local! {
 
 /// The writer state of `owner` in this plugin instance; the first time, whatever `owner`
 /// left in the log before (another process, or this one before its plugin was recreated)
-/// is folded first, and this instance logs from past its highest row.
+/// is folded first, and this instance logs in a block of positions of its own.
 fn writer<'a>(writers: &'a mut HashMap<String, Writer>, owner: &str) -> Result<&'a mut Writer, StoreError> {
     if !writers.contains_key(owner) {
-        let top = sql::query("SELECT max(n) FROM log WHERE writer = ?1", &[Value::Text(owner.to_string())]).map_err(store_error)?;
-        let first_n = top.first().map_or(0, |r| int(&r[0]) as i64) + 1;
         fold_writer(owner)?;
+        let first_n = take_block(owner)?;
         let literal = format!("'{}'", owner.replace('\'', "''"));
         let w = Writer {
             log_sql: LOG_EVENT.replace("{writer}", &literal),
-            fold_sql: FOLD_EVENT.replace("{writer}", &literal),
-            first_n,
             next_n: first_n,
+            block_end: first_n + LOG_SIZES.block_rows,
             cut_below: first_n,
             chats: HashMap::new(),
             oldest: BTreeMap::new(),
             ripe: BTreeSet::new(),
             rows: 0,
             bytes: 0,
+            logged: 0,
         };
         writers.insert(owner.to_string(), w);
     }
@@ -181,12 +227,27 @@ fn writer<'a>(writers: &'a mut HashMap<String, Writer>, owner: &str) -> Result<&
 }
 
 fn fold_writer(writer: &str) -> Result<(), StoreError> {
-    let w = vec![vec![Value::Text(writer.to_string())]];
-    let statements = [
-        Statement { sql: FOLD_WRITER.to_string(), rows: w.clone() },
-        Statement { sql: DROP_WRITER.to_string(), rows: w },
-    ];
-    sql::transaction(&statements).map(drop).map_err(store_error)
+    let run = |sql: [&str; 2], row: Vec<Value>| {
+        let statements = sql.map(|sql| Statement { sql: sql.to_string(), rows: vec![row.clone()] });
+        sql::transaction(&statements).map(|changed| changed[1][0]).map_err(store_error)
+    };
+    run(FOLD_PREVIOUS_LOG, vec![Value::Text(writer.to_string())])?;
+    while run(FOLD_WRITER, vec![Value::Text(writer.to_string()), Value::Integer(LOG_SIZES.fold_chunk)])? > 0 {}
+    Ok(())
+}
+
+/// A block of log positions of `writer`'s own; returns its first position.
+fn take_block(writer: &str) -> Result<i64, StoreError> {
+    for _ in 0..8 {
+        let top = sql::query("SELECT coalesce(max(block), 0) FROM log_blocks", &[]).map_err(store_error)?;
+        let block = top.first().map_or(0, |r| int(&r[0]) as i64) + 1;
+        let row = vec![vec![Value::Integer(block), Value::Text(writer.to_string())]];
+        let taken = sql::transaction(&[Statement { sql: TAKE_BLOCK.to_string(), rows: row }]).map_err(store_error)?;
+        if taken[0][0] == 1 {
+            return Ok(block * LOG_SIZES.block_rows);
+        }
+    }
+    Err(StoreError::Unavailable("no block of log positions: other writers took each one first".to_string()))
 }
 
 /// One transaction for all deltas: their events appended to the log, the chats due folded
@@ -206,6 +267,17 @@ pub fn save(deltas: &[ChatDelta]) -> Vec<Result<(), StoreError>> {
 }
 
 fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), StoreError>> {
+    let logging = deltas.iter().map(|d| d.events.len() as i64).sum::<i64>();
+    if w.next_n + logging > w.block_end {
+        if logging > LOG_SIZES.block_rows {
+            let e = StoreError::Invalid(format!("one save of {logging} events: a block of the log holds {}", LOG_SIZES.block_rows));
+            return deltas.iter().map(|_| Err(e.clone())).collect();
+        }
+        match take_block(owner) {
+            Ok(first_n) => (w.next_n, w.block_end) = (first_n, first_n + LOG_SIZES.block_rows),
+            Err(e) => return deltas.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
     let mut chats = Vec::new();
     let mut events = Vec::new();
     // Per delta: which row of which statement tells whether its epoch was current.
@@ -264,14 +336,17 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
         let logged = &w.chats[chat];
         (rows, bytes) = (rows - logged.rows.len(), bytes - logged.bytes);
     }
-    let mut oldest = w.oldest.values();
-    while rows > LOG_ROWS || bytes > LOG_BYTES {
-        let Some(chat) = oldest.next() else { break };
-        if !due.contains(chat) {
-            let logged = &w.chats[chat];
-            (rows, bytes) = (rows - logged.rows.len(), bytes - logged.bytes);
-            due.push(chat.clone());
+    let logged_after = w.logged + placed.len() as u64;
+    for chat in w.oldest.values() {
+        let logged = &w.chats[chat];
+        if due.contains(chat) {
+            continue;
         }
+        if rows <= LOG_ROWS && bytes <= LOG_BYTES && logged_after - logged.first_count <= LOG_SIZES.span {
+            break;
+        }
+        (rows, bytes) = (rows - logged.rows.len(), bytes - logged.bytes);
+        due.push(chat.clone());
     }
     let folded: Vec<(String, Logged)> = due.iter().map(|c| w.chats.remove_entry(c).unwrap()).collect();
     for (_, logged) in &folded {
@@ -286,10 +361,10 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
     ];
     if !folded.is_empty() {
         let rows = folded.iter().flat_map(|(_, l)| l.rows.iter().map(|&n| vec![Value::Integer(n)])).collect();
-        statements.push(Statement { sql: w.fold_sql.clone(), rows });
+        statements.push(Statement { sql: FOLD_EVENT.to_string(), rows });
     }
     if cut_below > w.cut_below {
-        let rows = vec![vec![Value::Text(owner.to_string()), Value::Integer(w.first_n), Value::Integer(cut_below)]];
+        let rows = vec![vec![Value::Text(owner.to_string()), Value::Integer(w.cut_below), Value::Integer(cut_below)]];
         statements.push(Statement { sql: CUT_LOG.to_string(), rows });
     }
     let result = sql::transaction(&statements);
@@ -342,7 +417,7 @@ impl Writer {
             Some(l) => l,
             None => {
                 self.oldest.insert(n, chat_id.to_string());
-                self.chats.entry(chat_id.to_string()).or_insert(Logged { first_n: n, rows: Vec::new(), bytes: 0 })
+                self.chats.entry(chat_id.to_string()).or_insert(Logged { first_n: n, first_count: self.logged, rows: Vec::new(), bytes: 0 })
             }
         };
         logged.rows.push(n);
@@ -352,6 +427,7 @@ impl Writer {
         }
         self.rows += 1;
         self.bytes += bytes;
+        self.logged += 1;
     }
 
     /// Forgets a purged chat's logged rows: nothing will read them again.
@@ -448,8 +524,10 @@ pub fn claim(owner: &str, requests: &[ClaimRequest], now_ms: u64) -> Vec<Result<
 fn fold_left_behind(owner: &str, now_ms: u64) -> Result<(), StoreError> {
     let dead = sql::query(
         "SELECT instance_id FROM members WHERE lease_expires_ms <= ?1 AND instance_id != ?2
-            AND EXISTS (SELECT 1 FROM log WHERE writer = members.instance_id)",
-        &[Value::Integer(now_ms as i64), Value::Text(owner.to_string())],
+            AND (EXISTS (SELECT 1 FROM log WHERE writer = members.instance_id)
+                OR EXISTS (SELECT 1 FROM log_blocks b JOIN event_log e ON e.n >= b.block * ?3 AND e.n < (b.block + 1) * ?3
+                    WHERE b.writer = members.instance_id))",
+        &[Value::Integer(now_ms as i64), Value::Text(owner.to_string()), Value::Integer(LOG_SIZES.block_rows)],
     )
     .map_err(store_error)?;
     WRITERS.with_borrow_mut(|writers| {
@@ -520,7 +598,8 @@ fn load_chunk(chat_ids: &[String]) -> Result<Vec<Option<Transcript>>, StoreError
         rows.extend(query(
             &format!(
                 "SELECT chat_id, {EVENT_COLUMNS}, 0 FROM events WHERE chat_id IN ({{ids}})
-                 UNION ALL SELECT chat_id, {EVENT_COLUMNS}, n FROM log WHERE chat_id IN ({{ids}})"
+                 UNION ALL SELECT chat_id, {EVENT_COLUMNS}, n FROM log WHERE chat_id IN ({{ids}})
+                 UNION ALL SELECT chat_id, {EVENT_COLUMNS}, n FROM event_log WHERE chat_id IN ({{ids}})"
             ),
             &live.iter().collect::<Vec<_>>(),
         )?);
