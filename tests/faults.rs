@@ -407,11 +407,11 @@ async fn messages_outlive_a_recreated_store_plugin_and_kill_9() {
             acked.push((r.body["seq"].as_u64().unwrap(), text));
         }
     };
-    // A chat's rows are folded 128 at a time: after 150, some are folded and some only logged.
-    send(&mut customer, &mut acked, "before", 150).await;
+    // A chat's rows are folded 64 at a time: after 100, some are folded and some only logged.
+    send(&mut customer, &mut acked, "before", 100).await;
     let r = victim.send("!trap", "v1").await;
     assert_eq!(r.status, 503, "the trapping save fails: {:?}", r.body);
-    send(&mut customer, &mut acked, "after the trap", 150).await;
+    send(&mut customer, &mut acked, "after the trap", 100).await;
     server.kill9();
 
     let server = Server::start(data.path(), Some(&config));
@@ -564,14 +564,14 @@ async fn chats_filling_up_together_are_intact_after_kill_9() {
             assert_eq!(&messages(&restored), acked, "chat {}", customer.chat_id);
         }
     };
-    // The chats' logged rows pass 128 at about the 126th message.
-    let mut chats = rounds(chats, 0..132).await;
+    // The chats' logged rows pass 64 at about the 62nd message.
+    let mut chats = rounds(chats, 0..68).await;
     server.kill9();
     no_fault(1);
 
     let server = Server::start_logged(data.path(), Some(&config), &log(2));
     check(&server, &mut chats).await;
-    let mut chats = rounds(chats, 132..264).await;
+    let mut chats = rounds(chats, 68..136).await;
     server.kill9();
     no_fault(2);
 

@@ -8,8 +8,8 @@
 //! newest block is the table's end, where SQLite appends without rebalancing the pages before
 //! it. The store keeps the
 //! rows it logged in memory and copies ("folds") a chat's rows into `events` once it has
-//! `CHAT_ROWS` of them, or once it holds the oldest row of a log grown past `LOG_ROWS` or
-//! `LOG_BYTES`: one page for many events. Chats that reach `CHAT_ROWS` together (chats opened
+//! `CHAT_ROWS` of them, or once it holds the oldest row of a log grown past `LOG_BYTES` of
+//! text or a span of rows: one page for many events. Chats that reach `CHAT_ROWS` together (chats opened
 //! together, a wave of restores) are folded a few per commit, oldest first, so their folds
 //! spread over many commits instead of stalling one. Then it cuts the log's folded prefix. A load reads
 //! `events` and the log rows of its chat, so a chat reads the same before and after a fold,
@@ -138,13 +138,13 @@ const TAKE_BLOCK: &str = "INSERT OR IGNORE INTO log_blocks (block, writer) VALUE
 
 /// A chat is folded once it has this many logged rows (as many such rows per commit as
 /// `FOLD_PER_EVENT` times the events it logs, at least one chat's)...
-const CHAT_ROWS: usize = 128;
+const CHAT_ROWS: usize = 64;
 const FOLD_PER_EVENT: usize = 2;
-/// ...or holds the oldest row while the log holds more than this many unfolded rows or text
-/// bytes, or more than `LogSizes::span` rows from that row on, folded or not (the log is cut below
-/// its oldest unfolded row: one quiet chat would otherwise keep every row logged after it).
-/// Together they bound what a load scans and what the plugin keeps in memory.
-const LOG_ROWS: usize = 65_536;
+/// ...or once its oldest row is more than `LogSizes::span` rows behind, folded or not (the log is
+/// cut below its oldest unfolded row: one quiet chat would otherwise keep every row logged after
+/// it); these three within the budget. Or at once, holding the oldest row while the log holds
+/// more than this many bytes of unfolded text. Together they bound what a load scans, what a
+/// claim folds, and what the plugin keeps in memory.
 const LOG_BYTES: usize = 8 << 20;
 
 /// The sizes of the log that differ between the two stores built from this code: the faulty
@@ -182,7 +182,6 @@ struct Writer {
     oldest: BTreeMap<i64, String>,
     /// The oldest rows' `n` of the chats with `CHAT_ROWS` rows or more: due for a fold.
     ripe: BTreeSet<i64>,
-    rows: usize,
     bytes: usize,
     /// Rows this instance logged so far.
     logged: u64,
@@ -217,7 +216,6 @@ fn writer<'a>(writers: &'a mut HashMap<String, Writer>, owner: &str) -> Result<&
             chats: HashMap::new(),
             oldest: BTreeMap::new(),
             ripe: BTreeSet::new(),
-            rows: 0,
             bytes: 0,
             logged: 0,
         };
@@ -320,33 +318,36 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
             ripening.push(&delta.chat_id);
         }
     }
+    // Chats due for a fold, up to the budget: ripe ones, oldest first, then those this save's
+    // events make ripe, then those whose oldest row is more than the span behind.
     let budget = CHAT_ROWS.max(FOLD_PER_EVENT * placed.len());
-    let mut folding = 0;
+    let logged_after = w.logged + placed.len() as u64;
     let ripe = w.ripe.iter().map(|n| w.oldest[n].as_str());
-    for chat in ripe.chain(ripening.iter().copied()) {
+    let behind = w.oldest.values().map(String::as_str).take_while(|chat| logged_after - w.chats[*chat].first_count > LOG_SIZES.span);
+    let mut folding = 0;
+    for chat in ripe.chain(ripening.iter().copied()).chain(behind) {
         if folding >= budget {
             break;
         }
-        folding += w.chats[chat].rows.len();
-        due.push(chat.to_string());
-    }
-    // Then the chats holding the oldest rows, while the log would outgrow its bounds.
-    let (mut rows, mut bytes) = (w.rows + placed.len(), w.bytes + placed.iter().map(|(_, b)| b).sum::<usize>());
-    for chat in &due {
-        let logged = &w.chats[chat];
-        (rows, bytes) = (rows - logged.rows.len(), bytes - logged.bytes);
-    }
-    let logged_after = w.logged + placed.len() as u64;
-    for chat in w.oldest.values() {
-        let logged = &w.chats[chat];
-        if due.contains(chat) {
-            continue;
+        if !due.iter().any(|c| c == chat) {
+            folding += w.chats[chat].rows.len();
+            due.push(chat.to_string());
         }
-        if rows <= LOG_ROWS && bytes <= LOG_BYTES && logged_after - logged.first_count <= LOG_SIZES.span {
+    }
+    // Then the chats holding the oldest rows, while the log's text would outgrow the plugin's
+    // memory.
+    let mut bytes = w.bytes + placed.iter().map(|(_, b)| b).sum::<usize>();
+    for chat in &due {
+        bytes -= w.chats[chat].bytes;
+    }
+    for chat in w.oldest.values() {
+        if bytes <= LOG_BYTES {
             break;
         }
-        (rows, bytes) = (rows - logged.rows.len(), bytes - logged.bytes);
-        due.push(chat.clone());
+        if !due.contains(chat) {
+            bytes -= w.chats[chat].bytes;
+            due.push(chat.clone());
+        }
     }
     let folded: Vec<(String, Logged)> = due.iter().map(|c| w.chats.remove_entry(c).unwrap()).collect();
     for (_, logged) in &folded {
@@ -373,7 +374,6 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
             w.next_n = n;
             w.cut_below = w.cut_below.max(cut_below);
             for (_, logged) in &folded {
-                w.rows -= logged.rows.len();
                 w.bytes -= logged.bytes;
             }
             let mut placed = placed.into_iter();
@@ -425,7 +425,6 @@ impl Writer {
         if logged.rows.len() == CHAT_ROWS {
             self.ripe.insert(logged.first_n);
         }
-        self.rows += 1;
         self.bytes += bytes;
         self.logged += 1;
     }
@@ -435,7 +434,6 @@ impl Writer {
         if let Some(logged) = self.chats.remove(chat_id) {
             self.oldest.remove(&logged.first_n);
             self.ripe.remove(&logged.first_n);
-            self.rows -= logged.rows.len();
             self.bytes -= logged.bytes;
         }
     }
