@@ -394,7 +394,7 @@ async fn keep_sending(mut customer: Participant, how_long: Duration, pause: Dura
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_outlive_a_recreated_store_plugin_and_kill_9() {
     let data = Scratch::new("store-log");
-    let config = faulty_store(&data, "[limits]\nmessages_per_second = 0\n");
+    let config = faulty_store(&data, "");
     let server = Server::start(data.path(), Some(&config));
     let (mut customer, _) = open_chat(&server, "Kim").await;
     let (mut victim, _) = open_chat(&server, "Vic").await;
@@ -407,11 +407,11 @@ async fn messages_outlive_a_recreated_store_plugin_and_kill_9() {
             acked.push((r.body["seq"].as_u64().unwrap(), text));
         }
     };
-    // A chat's rows are folded 64 at a time: after 100, some are folded and some only logged.
-    send(&mut customer, &mut acked, "before", 100).await;
+    // A chat's rows are folded 32 at a time: after 45, some are folded and some only logged.
+    send(&mut customer, &mut acked, "before", 45).await;
     let r = victim.send("!trap", "v1").await;
     assert_eq!(r.status, 503, "the trapping save fails: {:?}", r.body);
-    send(&mut customer, &mut acked, "after the trap", 100).await;
+    send(&mut customer, &mut acked, "after the trap", 45).await;
     server.kill9();
 
     let server = Server::start(data.path(), Some(&config));
@@ -566,14 +566,14 @@ async fn chats_filling_up_together_are_intact_after_kill_9() {
             assert_eq!(&messages(&restored), acked, "chat {}", customer.chat_id);
         }
     };
-    // The chats' logged rows pass 64 at about the 62nd message.
-    let mut chats = rounds(chats, 0..68).await;
+    // The chats' logged rows pass 32 at about the 30th message.
+    let mut chats = rounds(chats, 0..36).await;
     server.kill9();
     no_fault(1);
 
     let server = Server::start_logged(data.path(), Some(&config), &log(2));
     check(&server, &mut chats).await;
-    let mut chats = rounds(chats, 68..136).await;
+    let mut chats = rounds(chats, 36..70).await;
     server.kill9();
     no_fault(2);
 

@@ -110,7 +110,7 @@ async fn continue_policy_refuses_the_message_and_keeps_the_chat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_message_whose_save_landed_does_not_displace_the_next() {
     refused_but_landed_then(3).await;
-    refused_but_landed_then(70).await;
+    refused_but_landed_then(40).await;
 }
 
 async fn refused_but_landed_then(messages_after: usize) {

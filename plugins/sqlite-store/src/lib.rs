@@ -6,8 +6,8 @@ wit_bindgen::generate!({ world: "transcript-store", path: "../../wit" });
 mod names;
 mod tables;
 
-/// A block of 2^40 positions lasts one writer years. The span keeps the log that a claim folds
-/// after a failover to about half a second of work; 1,000 busy chats fill it with ~64 rows each.
+/// A block of 2^40 positions lasts one writer years. Busy chats fold at 32 rows long before the
+/// span; it bounds the log behind a quiet chat, which a claim folds after a failover.
 const LOG_SIZES: tables::LogSizes = tables::LogSizes { block_rows: 1 << 40, span: 65_536, fold_chunk: 16_384 };
 
 use exports::parley::plugin::store::{ChatDelta, ClaimOutcome, ClaimRequest, Guest, Location, Member, Settings, StoreError, Transcript};

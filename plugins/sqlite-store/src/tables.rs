@@ -138,7 +138,7 @@ const TAKE_BLOCK: &str = "INSERT OR IGNORE INTO log_blocks (block, writer) VALUE
 
 /// A chat is folded once it has this many logged rows (as many such rows per commit as
 /// `FOLD_PER_EVENT` times the events it logs, at least one chat's)...
-const CHAT_ROWS: usize = 64;
+const CHAT_ROWS: usize = 32;
 const FOLD_PER_EVENT: usize = 2;
 /// ...or once its oldest row is more than `LogSizes::span` rows behind, folded or not (the log is
 /// cut below its oldest unfolded row: one quiet chat would otherwise keep every row logged after
