@@ -199,13 +199,8 @@ async fn auto_save_2_notifies_and_0_skips_intermediate_saves() {
     let (mut customer, _agent) = open_chat(&server, "Ann").await;
     assert_eq!(customer.send("not saved until close", "c1").await.status, 200);
     assert_eq!(messages(&customer.transcript().await).len(), 1);
-    let db = rusqlite_count(&data.path().join("parley.db"));
+    let db = data.read_integer("SELECT count(*) FROM events", []);
     assert_eq!(db, 0, "no intermediate rows with auto_save = 0");
-}
-
-fn rusqlite_count(db: &std::path::Path) -> i64 {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0)).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -427,7 +427,7 @@ async fn messages_outlive_a_recreated_store_plugin_and_kill_9() {
     assert_eq!(messages(&customer.transcript().await), acked, "and again after a second kill -9");
     // The restored instance folded what its previous runs logged (this store folds 16 rows per
     // transaction, so all of it takes many); it has logged no message since.
-    let left = count(&data, "SELECT count(*) FROM event_log WHERE kind = 'message'");
+    let left = data.read_integer("SELECT count(*) FROM event_log WHERE kind = 'message'", []);
     assert_eq!(left, 0, "messages of the previous runs are still in the log");
 }
 
@@ -453,7 +453,7 @@ async fn a_quiet_chat_does_not_hold_the_log_back() {
         let r = busy.send(&text, &text).await;
         assert_eq!(r.status, 200, "{text}: {:?}", r.body);
         busy_acked.push((r.body["seq"].as_u64().unwrap(), text));
-        most = most.max(count(&data, "SELECT count(*) FROM event_log"));
+        most = most.max(data.read_integer("SELECT count(*) FROM event_log", []));
     }
     assert!(most <= 257, "the log held {most} rows: the quiet chat's one row kept the rows after it");
     server.kill9();
@@ -512,14 +512,8 @@ async fn messages_in_the_previous_stores_log_are_restored() {
     let server = Server::start(data.path(), None);
     customer.moved_to(&server);
     assert_eq!(messages(&customer.transcript().await), acked, "and again after a second kill -9");
-    let left = count(&data, "SELECT count(*) FROM log");
+    let left = data.read_integer("SELECT count(*) FROM log", []);
     assert_eq!(left, 0, "the previous log's rows were folded into the transcript table");
-}
-
-/// One count from the instance's SQLite file, read beside the instance.
-fn count(data: &Scratch, sql: &str) -> i64 {
-    let db = rusqlite::Connection::open(data.path().join("parley.db")).unwrap();
-    db.query_row(sql, [], |r| r.get(0)).unwrap()
 }
 
 /// Chats opened together fill up together: they reach the SQLite store's fold threshold in the

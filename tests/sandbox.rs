@@ -189,13 +189,7 @@ async fn after_kill_9(data: &Scratch, config: &std::path::Path, server: Server, 
 
 /// The chat's epoch in the instance's database, read beside the running server.
 fn chat_epoch(data: &Scratch, chat_id: &str) -> i64 {
-    use parley::plugins::bindings::sql::Value;
-    let file = parley::storage::sqlite::DatabaseFile::new(data.path().join("parley.db"), parley::config::Synchronous::Full, std::time::Duration::from_secs(5));
-    let rows = file.open().unwrap().query("SELECT epoch FROM chats WHERE chat_id = ?1", &[Value::Text(chat_id.to_string())]).unwrap();
-    match rows.first().map(|r| &r[0]) {
-        Some(Value::Integer(epoch)) => *epoch,
-        other => panic!("no epoch for chat {chat_id}: {other:?}"),
-    }
+    data.read_integer("SELECT epoch FROM chats WHERE chat_id = ?1", [chat_id])
 }
 
 /// The `sql` capability is the granted database and nothing more: no other file (ATTACH,

@@ -35,6 +35,11 @@ impl Scratch {
         std::fs::write(&p, toml).unwrap();
         p
     }
+    /// One integer from the database of an instance on this directory, read beside it.
+    pub fn read_integer(&self, sql: &str, params: impl rusqlite::Params) -> i64 {
+        let db = rusqlite::Connection::open(self.0.join("parley.db")).unwrap();
+        db.query_row(sql, params, |r| r.get(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
 }
 
 impl Drop for Scratch {
