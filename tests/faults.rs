@@ -516,6 +516,82 @@ async fn messages_in_the_previous_stores_log_are_restored() {
     assert_eq!(left, 0, "the previous log's rows were folded into the transcript table");
 }
 
+/// A rolling upgrade is a while of mixed versions: an instance of the version before
+/// 2026-11-28, whose SQLite store reads `events` and the old `log` only, may restore the chats
+/// of an upgraded instance that died (kill -9) or stopped (SIGTERM), whose last messages are
+/// still in `event_log`. It must see every acknowledged message, and the chats must go on on an
+/// upgraded instance afterwards. The previous version is played by its store's own SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_previous_version_restoring_an_upgraded_instances_chats_loses_nothing() {
+    let data = Scratch::new("previous-version");
+    let config = data.deployment("[server]\ndrain_deadline_ms = 0\n");
+    let mut chats = Vec::new();
+    for (name, kill) in [("Ode", true), ("Pia", false)] {
+        let server = Server::start(data.path(), Some(&config));
+        let (mut customer, _) = open_chat(&server, name).await;
+        let mut acked = Vec::new();
+        for m in 0..5 {
+            let text = format!("{name} {m}");
+            let r = customer.send(&text, &text).await;
+            assert_eq!(r.status, 200, "{text}: {:?}", r.body);
+            acked.push((r.body["seq"].as_u64().unwrap(), text));
+        }
+        if kill {
+            server.kill9();
+        } else {
+            server.terminate();
+            assert_eq!(server.exited().await, 0);
+        }
+        let logged = data.read_integer("SELECT count(*) FROM event_log WHERE chat_id = ?1", [&customer.chat_id]);
+        assert!(logged >= 5, "{name}: the messages are still in event_log ({logged} rows), as this test needs");
+        let restored = previous_version_restores(&data.path().join("parley.db"), &customer.chat_id);
+        assert_eq!(restored, acked, "{name}: what the previous version restores (stopped by kill -9: {kill})");
+        chats.push((customer, acked));
+    }
+
+    let server = Server::start(data.path(), Some(&config));
+    for (customer, acked) in &mut chats {
+        customer.moved_to(&server);
+        assert_eq!(&messages(&customer.transcript().await), acked, "back on an upgraded instance");
+        let r = customer.send("later", "later").await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+}
+
+/// What the SQLite store before 2026-11-28 (`574d9f5`) ran to restore a chat whose owner's
+/// lease ran out: its claim, the same `CLAIM` as now, as instance `previous`, at a time after
+/// every lease here ran out; then its load, which reads `events` and `log` (the later row of a
+/// seq wins). Its acknowledged messages, by seq.
+fn previous_version_restores(db: &Path, chat_id: &str) -> Vec<(u64, String)> {
+    let db = rusqlite::Connection::open(db).unwrap();
+    let epoch: i64 = db.query_row("SELECT epoch FROM chats WHERE chat_id = ?1", [chat_id], |r| r.get(0)).unwrap();
+    let later_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 + 60_000;
+    let claimed = db
+        .execute(
+            "UPDATE chats SET epoch = epoch + 1, owner = ?2
+             WHERE chat_id = ?1 AND epoch = ?3 AND (owner = ?2 OR NOT EXISTS
+                 (SELECT 1 FROM members WHERE instance_id = chats.owner AND lease_expires_ms > ?4))",
+            rusqlite::params![chat_id, "previous", epoch, later_ms],
+        )
+        .unwrap();
+    assert_eq!(claimed, 1, "the previous version's claim");
+    let mut load = db
+        .prepare(
+            "SELECT seq, kind, text, 0 FROM events WHERE chat_id = ?1
+             UNION ALL SELECT seq, kind, text, n FROM log WHERE chat_id = ?1",
+        )
+        .unwrap();
+    let mut latest = std::collections::BTreeMap::new();
+    let rows = load.query_map([chat_id], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?)));
+    for (seq, kind, text, age) in rows.unwrap().map(Result::unwrap) {
+        let e = latest.entry(seq).or_insert((i64::MIN, String::new(), String::new()));
+        if age >= e.0 {
+            *e = (age, kind, text);
+        }
+    }
+    latest.into_iter().filter(|(_, (_, kind, _))| kind == "message").map(|(seq, (_, _, text))| (seq, text)).collect()
+}
+
 /// Chats opened together fill up together: they reach the SQLite store's fold threshold in the
 /// same commits, and the store folds them a few per commit, oldest first, so for a while many
 /// chats hold more logged rows than the threshold. A kill -9 while they wait, and another one

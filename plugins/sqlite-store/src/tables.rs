@@ -53,6 +53,7 @@ const SCHEMA: &[&str] = &[
         client_msg_id TEXT, at_ms INTEGER NOT NULL)",
     // Block b holds the positions from b * LOG_SIZES.block_rows on. Taken max + 1, never given back.
     "CREATE TABLE IF NOT EXISTS log_blocks (block INTEGER PRIMARY KEY, writer TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS log_blocks_by_writer ON log_blocks (writer)",
     // The log as stores before 2026-11-28 wrote it (key: writer, then the writer's own count).
     // No longer written; read by loads and folded with its writer's rows, so a database from
     // before, and instances of the previous version during a rolling upgrade, lose nothing.
@@ -79,6 +80,27 @@ const RENEW_LEASE: &str = "INSERT INTO members (instance_id, incarnation, addres
 const CLAIM: &str = "UPDATE chats SET epoch = epoch + 1, owner = ?2
     WHERE chat_id = ?1 AND epoch = ?3 AND (owner = ?2 OR NOT EXISTS
         (SELECT 1 FROM members WHERE instance_id = chats.owner AND lease_expires_ms > ?4))";
+
+/// A claim from another owner folds the previous owner's rows of `event_log` (whose lease ran
+/// out: `CLAIM` checks that) into `events`, inside the claim's own statement. This store folds
+/// them before it claims (`fold_left_behind`, in chunks), so here it finds none; the trigger is
+/// for the claimers that do not know `event_log`: instances of the version before 2026-11-28,
+/// which read `events` and `log` only, during a rolling upgrade. Those run the same `CLAIM`, and
+/// a trigger in the database runs whatever code issues it. `{block_rows}` is
+/// `LogSizes::block_rows`, also in the name: each size of block has a trigger of its own.
+const CLAIM_FOLDS_PREVIOUS_OWNER: &str = "CREATE TRIGGER IF NOT EXISTS claim_folds_previous_owner_{block_rows}
+    AFTER UPDATE OF owner ON chats WHEN OLD.owner <> NEW.owner
+    BEGIN
+        INSERT OR REPLACE INTO events
+            (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms)
+            SELECT e.chat_id, e.seq, e.kind, e.participant_id, e.nickname, e.text, e.client_msg_id, e.at_ms
+            FROM log_blocks b JOIN event_log e ON e.n >= b.block * {block_rows} AND e.n < (b.block + 1) * {block_rows}
+            WHERE b.writer = OLD.owner AND EXISTS (SELECT 1 FROM chats WHERE chat_id = e.chat_id)
+            ORDER BY e.chat_id, e.seq, e.n;
+        DELETE FROM event_log WHERE n IN (SELECT e.n
+            FROM log_blocks b JOIN event_log e ON e.n >= b.block * {block_rows} AND e.n < (b.block + 1) * {block_rows}
+            WHERE b.writer = OLD.owner);
+    END";
 
 /// Upserts a chat row only while the writer holds the chat's epoch: 0 rows changed means
 /// another owner has claimed the chat since, or created it first (the same chat id created on
@@ -161,9 +183,12 @@ pub struct LogSizes {
 const EVENT_COLUMNS: &str = "seq, kind, participant_id, nickname, text, client_msg_id, at_ms";
 
 pub fn init(_settings: &Settings) -> Result<(), StoreError> {
+    let trigger = CLAIM_FOLDS_PREVIOUS_OWNER.replace("{block_rows}", &LOG_SIZES.block_rows.to_string());
     let statements = SCHEMA
         .iter()
-        .map(|sql| Statement { sql: sql.to_string(), rows: vec![vec![]] })
+        .map(|sql| sql.to_string())
+        .chain([trigger])
+        .map(|sql| Statement { sql, rows: vec![vec![]] })
         .collect::<Vec<_>>();
     sql::transaction(&statements).map(drop).map_err(store_error)
 }
