@@ -76,6 +76,20 @@ pub struct Meta {
     pub participants: Vec<Participant>,
 }
 
+impl Meta {
+    /// What the customer's create carried, as `opening` digests it.
+    pub fn opening(&self) -> TokenHash {
+        let customer = self.participants.iter().find(|p| p.role == Role::Customer).map_or("", |p| &*p.nickname);
+        opening(customer, &self.subject, &self.user_data)
+    }
+}
+
+/// A digest of a create's fields (nickname, subject, user_data): a retry with its
+/// client_request_id carries the same fields, another request reusing the id does not.
+pub fn opening(nickname: &str, subject: &str, user_data: &serde_json::Map<String, serde_json::Value>) -> TokenHash {
+    auth::hash(&serde_json::json!([nickname, subject, user_data]).to_string())
+}
+
 mod hex_hash {
     use serde::{Deserialize, Deserializer, Serializer};
     pub fn serialize<S: Serializer>(h: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
@@ -106,6 +120,8 @@ pub struct Roster {
     pub state: ChatState,
     pub subject: String,
     pub customer_nickname: Arc<str>,
+    /// `Meta::opening`: a keyed create that finds this chat must carry the same.
+    pub opened_with: TokenHash,
     pub created_ms: u64,
     pub members: Vec<Member>,
 }
@@ -294,9 +310,9 @@ impl ChatHandle {
     }
 }
 
-/// A keyed create that finds its chat here: the same request only if for the same customer.
-fn same_customer(chat: &ChatHandle, nickname: &str) -> Result<(), ChatError> {
-    if *chat.shared.roster().customer_nickname == *nickname { Ok(()) } else { Err(reused()) }
+/// A keyed create that finds its chat here: the same request only if it carries the same fields.
+fn same_request(chat: &ChatHandle, fields: &TokenHash) -> Result<(), ChatError> {
+    if chat.shared.roster().opened_with == *fields { Ok(()) } else { Err(reused()) }
 }
 
 fn reused() -> ChatError {
@@ -394,6 +410,7 @@ impl Chats {
     /// cluster secret), so a retry — here or on any instance, after the first answer was lost
     /// — answers the same and opens nothing new.
     pub async fn create(&self, nickname: &str, subject: String, user_data: serde_json::Map<String, serde_json::Value>, client_request_id: Option<&str>) -> Result<Created, ChatError> {
+        let fields = opening(nickname, &subject, &user_data);
         let (created, token_sha256) = match client_request_id {
             None => {
                 let (token, token_sha256) = auth::new_token();
@@ -406,7 +423,7 @@ impl Chats {
                 let token = auth::derive(key, &["customer-token", &chat_id, request]);
                 let token_sha256 = auth::hash(&token);
                 let created = Created { chat_id: chat_id.into(), participant_id: participant_id.into(), token };
-                if self.created_before(&created, nickname).await? {
+                if self.created_before(&created, &fields).await? {
                     return Ok(created);
                 }
                 (created, token_sha256)
@@ -429,14 +446,14 @@ impl Chats {
         let saved = match saved {
             Ok(saved) => saved,
             Err(first) => {
-                same_customer(&first, nickname)?;
+                same_request(&first, &fields)?;
                 return first.opened().await.map(|()| created);
             }
         };
         match saved.await.unwrap_or(Err(ChatError::Closed)) {
             Ok(()) => Ok(created),
             // Created on another instance first, from the same request retried there.
-            Err(e) if client_request_id.is_some() => match self.created_before(&created, nickname).await {
+            Err(e) if client_request_id.is_some() => match self.created_before(&created, &fields).await {
                 Ok(true) => Ok(created),
                 _ => Err(e),
             },
@@ -445,10 +462,10 @@ impl Chats {
     }
 
     /// Whether the chat a create with a client_request_id derives exists already (open here or
-    /// elsewhere, or closed). The same id used for another customer is refused.
-    async fn created_before(&self, created: &Created, nickname: &str) -> Result<bool, ChatError> {
+    /// elsewhere, or closed). The same id used for another request is refused.
+    async fn created_before(&self, created: &Created, fields: &TokenHash) -> Result<bool, ChatError> {
         if let Some(h) = self.local(&created.chat_id) {
-            same_customer(&h, nickname)?;
+            same_request(&h, fields)?;
             if h.opened().await.is_ok() {
                 return Ok(true);
             }
@@ -462,10 +479,8 @@ impl Chats {
         };
         let Some(t) = stored else { return Ok(false) };
         let meta: Meta = serde_json::from_str(&t.meta).map_err(|e| ChatError::Storage(format!("stored chat metadata is unreadable: {e}")))?;
-        match meta.participants.iter().find(|p| p.id == created.participant_id) {
-            Some(p) if *p.nickname == *nickname => Ok(true),
-            _ => Err(reused()),
-        }
+        let customer = meta.participants.iter().any(|p| p.id == created.participant_id);
+        if customer && meta.opening() == *fields { Ok(true) } else { Err(reused()) }
     }
 
     /// Where the chat with this id is served: here (live, or restored from storage now), or

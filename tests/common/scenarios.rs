@@ -251,7 +251,7 @@ pub async fn busy_chats_survive_kill_9(mut servers: Vec<Server>) {
 /// A create or a join whose answer was lost is retried with the same client_request_id — on
 /// the same instance, on another one, after the first one was killed with SIGKILL, or on two
 /// instances at once: every try answers the same ids and token, and nothing is opened or added
-/// twice. The id used for another nickname is refused.
+/// twice. The id used for another request (another nickname, subject or user_data) is refused.
 pub async fn retried_creates_and_joins_open_nothing_twice(mut servers: Vec<Server>) {
     let c = servers.pop().unwrap();
     let b = servers.pop().unwrap();
@@ -278,8 +278,21 @@ pub async fn retried_creates_and_joins_open_nothing_twice(mut servers: Vec<Serve
         let again = post(server, "/v1/chats".into(), None, create("create-0001-aaaa-bbbb")).await;
         assert_eq!((again.status, &again.body), (201, &first.body), "a retry on {what} answers the same");
     }
-    let reused = post(&b, "/v1/chats".into(), None, json!({"nickname": "Bob", "client_request_id": "create-0001-aaaa-bbbb"})).await;
-    assert_eq!((reused.status, reused.error_code()), (409, Some("client_request_id_reused")), "{}", reused.body);
+    // The id in another request: another customer, or the same nickname with other fields
+    // (a widget that reuses ids, and every customer is "Guest"). On the instance that holds the
+    // chat and on one that reads it from the store.
+    for (server, other) in [
+        (&b, json!({"nickname": "Bob", "subject": "order 7"})),
+        (&a, json!({"nickname": "Ann", "subject": "order 8"})),
+        (&b, json!({"nickname": "Ann", "subject": "order 8"})),
+        (&a, json!({"nickname": "Ann", "subject": "order 7", "user_data": {"email": "eve@example.com"}})),
+        (&b, json!({"nickname": "Ann", "subject": "order 7", "user_data": {"email": "eve@example.com"}})),
+    ] {
+        let mut body = other.clone();
+        body["client_request_id"] = json!("create-0001-aaaa-bbbb");
+        let reused = post(server, "/v1/chats".into(), None, body).await;
+        assert_eq!((reused.status, reused.error_code()), (409, Some("client_request_id_reused")), "{other}: {}", reused.body);
+    }
     let malformed = post(&a, "/v1/chats".into(), None, json!({"nickname": "Ann", "client_request_id": "short"})).await;
     assert_eq!((malformed.status, malformed.error_code()), (400, Some("invalid_field")), "{}", malformed.body);
 
