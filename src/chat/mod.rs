@@ -120,8 +120,6 @@ pub struct Roster {
     pub state: ChatState,
     pub subject: String,
     pub customer_nickname: Arc<str>,
-    /// `Meta::opening`: a keyed create that finds this chat must carry the same.
-    pub opened_with: TokenHash,
     pub created_ms: u64,
     pub members: Vec<Member>,
 }
@@ -129,6 +127,8 @@ pub struct Roster {
 /// What a chat's owning task publishes for everyone else to read.
 pub struct ChatShared {
     pub id: Arc<str>,
+    /// `Meta::opening`, fixed at the create: a keyed create that finds this chat must carry the same.
+    opened_with: TokenHash,
     transcript: RwLock<Vec<Arc<Event>>>,
     roster: RwLock<Roster>,
     /// The last seq in `transcript`; readers wait on it.
@@ -141,10 +141,11 @@ pub struct ChatShared {
 }
 
 impl ChatShared {
-    fn new(id: Arc<str>, roster: Roster, transcript: Vec<Arc<Event>>) -> Arc<Self> {
+    fn new(id: Arc<str>, opened_with: TokenHash, roster: Roster, transcript: Vec<Arc<Event>>) -> Arc<Self> {
         let last = transcript.last().map_or(0, |e| e.seq);
         Arc::new(Self {
             id,
+            opened_with,
             transcript: RwLock::new(transcript),
             roster: RwLock::new(roster),
             committed: watch::Sender::new(last),
@@ -312,7 +313,7 @@ impl ChatHandle {
 
 /// A keyed create that finds its chat here: the same request only if it carries the same fields.
 fn same_request(chat: &ChatHandle, fields: &TokenHash) -> Result<(), ChatError> {
-    if chat.shared.roster().opened_with == *fields { Ok(()) } else { Err(reused()) }
+    if chat.shared.opened_with == *fields { Ok(()) } else { Err(reused()) }
 }
 
 fn reused() -> ChatError {

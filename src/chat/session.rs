@@ -134,8 +134,8 @@ impl Session {
                 sent.insert(&e.participant_id, id, e.seq);
             }
         }
-        let placeholder = Roster { state, subject: String::new(), customer_nickname: "".into(), opened_with: [0; 32], created_ms: 0, members: Vec::new() };
-        let shared = ChatShared::new(id, placeholder, events);
+        let placeholder = Roster { state, subject: String::new(), customer_nickname: "".into(), created_ms: 0, members: Vec::new() };
+        let shared = ChatShared::new(id, meta.opening(), placeholder, events);
         let s = Session {
             deps,
             map,
@@ -179,7 +179,6 @@ impl Session {
             state: self.state,
             subject: self.meta.subject.clone(),
             customer_nickname,
-            opened_with: self.meta.opening(),
             created_ms: self.meta.created_ms,
             members: self
                 .meta
