@@ -236,11 +236,7 @@ settings = { resend_attempts = "2", resend_delay_ms = "300", on_error = "close" 
 
     node_script("start");
     wait_for_event(&log, "storage.available", Duration::from_secs(30)).await;
-    let until = Instant::now() + Duration::from_secs(30);
-    while client.get("/readyz", None).await.unwrap().status != 200 {
-        assert!(Instant::now() < until, "ready again once Cassandra answers");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    ready_again(&server).await;
     let (mut customer, mut agent) = open_chat(&server, "Bea").await;
     let r = customer.send("after the outage", "n1").await;
     assert_eq!(r.status, 200, "{:?}", r.body);
@@ -281,12 +277,10 @@ settings = { resend_attempts = "0", on_error = "continue" }
     let r = customer.send("refused", "c2").await;
     assert_eq!((r.status, r.error_code()), (503, Some("not_saved")), "{:?}", r.body);
     node_script("start");
-    let mut probe = a.client();
-    let until = Instant::now() + Duration::from_secs(30);
-    while probe.get("/readyz", None).await.unwrap().status != 200 {
-        assert!(Instant::now() < until, "ready again once Cassandra answers");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // Both: b serves the transcript at the end, and each instance's driver reconnects on its
+    // own back-off (up to 10 s after a long outage).
+    ready_again(&a).await;
+    ready_again(&b).await;
     // The refused message's row, as if its save had landed: seq 4, written at epoch 1. Its
     // text sorts after the next message's, so a tie of write timestamps would keep it.
     let session = on.session().await;
@@ -305,6 +299,16 @@ settings = { resend_attempts = "0", on_error = "continue" }
     agent.moved_to(&b);
     let t = agent.transcript().await;
     assert_eq!(messages(&t), [(3, "one".to_string()), (4, "next".to_string())], "{t}");
+}
+
+/// Waits until the instance's /readyz answers 200 again after an outage of the node.
+async fn ready_again(server: &Server) {
+    let mut probe = server.client();
+    let until = Instant::now() + Duration::from_secs(30);
+    while probe.get("/readyz", None).await.unwrap().status != 200 {
+        assert!(Instant::now() < until, "ready again once Cassandra answers");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn wait_for_event(log: &Path, id: &str, within: Duration) {
