@@ -593,8 +593,8 @@ fn previous_version_restores(db: &Path, chat_id: &str) -> Vec<(u64, String)> {
 }
 
 /// Chats opened together fill up together: they reach the SQLite store's fold threshold in the
-/// same commits, and the store folds them a few per commit, oldest first, so for a while many
-/// chats hold more logged rows than the threshold. A kill -9 while they wait, and another one
+/// same commits, and the store folds them a few per commit, oldest first, paced by the rows it
+/// logs, so for a while many chats hold more logged rows than the threshold. A kill -9 while they wait, and another one
 /// later: every chat's transcript is exactly its acknowledged messages, once and in order, and
 /// the store plugin never faulted (a trap is survived by recreating the instance, which would
 /// hide a broken fold from the participants, not from the operator's log).
@@ -613,7 +613,7 @@ async fn chats_filling_up_together_are_intact_after_kill_9() {
         chats.push((open_chat(&server, &format!("c{i}")).await.0, Vec::new()));
     }
     // Round by round every chat sends its next message at once: commits of ~150 events, each
-    // folding about twice as many rows as it logs while 150 chats are due.
+    // folding a quarter more rows than it logs while 150 chats are due.
     let rounds = async |chats: Vec<(Participant, Vec<(u64, String)>)>, rounds: std::ops::Range<usize>| {
         let mut chats = chats;
         for m in rounds {

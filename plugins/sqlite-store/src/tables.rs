@@ -9,9 +9,9 @@
 //! it. The store keeps the
 //! rows it logged in memory and copies ("folds") a chat's rows into `events` once it has
 //! `CHAT_ROWS` of them, or once it holds the oldest row of a log grown past `LOG_BYTES` of
-//! text or a span of rows: one page for many events. Chats that reach `CHAT_ROWS` together (chats opened
-//! together, a wave of restores) are folded a few per commit, oldest first, so their folds
-//! spread over many commits instead of stalling one. Then it cuts the log's folded prefix. A load reads
+//! text or a span of rows: one page for many events. Folds are paced by the rows logged (a quarter more
+//! rows folded than logged), so chats that reach `CHAT_ROWS` together (chats opened together, a
+//! wave of restores) are folded over many commits, oldest first, instead of stalling some. Then it cuts the log's folded prefix. A load reads
 //! `events` and the log rows of its chat, so a chat reads the same before and after a fold,
 //! after a kill -9, and after a plugin instance was recreated.
 //!
@@ -158,15 +158,21 @@ const CUT_LOG: &str = "DELETE FROM event_log WHERE n >= ?2 AND n < ?3 AND writer
 /// time changes nothing, and asks again.
 const TAKE_BLOCK: &str = "INSERT OR IGNORE INTO log_blocks (block, writer) VALUES (?1, ?2)";
 
-/// A chat is folded once it has this many logged rows (as many such rows per commit as
-/// `FOLD_PER_EVENT` times the events it logs, at least one chat's)...
+/// A chat is folded once it has this many logged rows...
 const CHAT_ROWS: usize = 32;
-const FOLD_PER_EVENT: usize = 2;
 /// ...or once its oldest row is more than `LogSizes::span` rows behind, folded or not (the log is
 /// cut below its oldest unfolded row: one quiet chat would otherwise keep every row logged after
-/// it); these three within the budget. Or at once, holding the oldest row while the log holds
-/// more than this many bytes of unfolded text. Together they bound what a load scans, what a
-/// claim folds, and what the plugin keeps in memory.
+/// it). These are paced: each row logged earns a writer `FOLD_CREDIT_PER_ROW` quarter rows of
+/// folding, saved up to one chat's worth while nothing is due, and a commit folds due chats while
+/// it has credit (it may overdraw by the last chat's rows). So folds keep a quarter ahead of the
+/// log, and a commit that carries a backlog folds about as many rows as it logs: budgets in
+/// proportion to the commit, or of a chat per commit, made a slow commit's successor bigger and
+/// slower again, most of all when a thousand chats opened together came due in the same second.
+const FOLD_CREDIT_PER_ROW: i64 = 5;
+const FOLD_CREDIT_MAX: i64 = 4 * CHAT_ROWS as i64;
+/// Or at once, holding the oldest row while the log holds more than this many bytes of unfolded
+/// text. Together they bound what a load scans, what a claim folds, and what the plugin keeps in
+/// memory.
 const LOG_BYTES: usize = 8 << 20;
 
 /// The sizes of the log that differ between the two stores built from this code: the faulty
@@ -210,6 +216,8 @@ struct Writer {
     bytes: usize,
     /// Rows this instance logged so far.
     logged: u64,
+    /// Quarter rows it may fold (see `FOLD_CREDIT_PER_ROW`); negative after an overdraft.
+    fold_credit: i64,
 }
 
 struct Logged {
@@ -243,6 +251,7 @@ fn writer<'a>(writers: &'a mut HashMap<String, Writer>, owner: &str) -> Result<&
             ripe: BTreeSet::new(),
             bytes: 0,
             logged: 0,
+            fold_credit: 0,
         };
         writers.insert(owner.to_string(), w);
     }
@@ -308,8 +317,7 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
     let mut n = w.next_n;
     // Each event's place in the log and its text bytes, remembered once the commit succeeded.
     let mut placed = Vec::new();
-    // Chats due for a fold: ripe ones, oldest first, then those this save's events make ripe,
-    // up to the budget; the rest wait for the next commits.
+    // Chats due for a fold, while the credit lasts; the rest wait for the next commits.
     let mut due: Vec<String> = Vec::new();
     let mut ripening: Vec<&str> = Vec::new();
     for delta in deltas {
@@ -343,19 +351,19 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
             ripening.push(&delta.chat_id);
         }
     }
-    // Chats due for a fold, up to the budget: ripe ones, oldest first, then those this save's
-    // events make ripe, then those whose oldest row is more than the span behind.
-    let budget = CHAT_ROWS.max(FOLD_PER_EVENT * placed.len());
+    // Chats due for a fold, while the credit lasts: those whose oldest row is more than the
+    // span behind (they hold the log's cut back), then ripe ones, oldest first, then those this
+    // save's events make ripe.
+    let mut credit = (w.fold_credit + FOLD_CREDIT_PER_ROW * placed.len() as i64).min(FOLD_CREDIT_MAX);
     let logged_after = w.logged + placed.len() as u64;
-    let ripe = w.ripe.iter().map(|n| w.oldest[n].as_str());
     let behind = w.oldest.values().map(String::as_str).take_while(|chat| logged_after - w.chats[*chat].first_count > LOG_SIZES.span);
-    let mut folding = 0;
-    for chat in ripe.chain(ripening.iter().copied()).chain(behind) {
-        if folding >= budget {
+    let ripe = w.ripe.iter().map(|n| w.oldest[n].as_str());
+    for chat in behind.chain(ripe).chain(ripening.iter().copied()) {
+        if credit <= 0 {
             break;
         }
         if !due.iter().any(|c| c == chat) {
-            folding += w.chats[chat].rows.len();
+            credit -= 4 * w.chats[chat].rows.len() as i64;
             due.push(chat.to_string());
         }
     }
@@ -397,6 +405,7 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
     match result {
         Ok(changed) => {
             w.next_n = n;
+            w.fold_credit = credit;
             w.cut_below = w.cut_below.max(cut_below);
             for (_, logged) in &folded {
                 w.bytes -= logged.bytes;
