@@ -212,9 +212,12 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         all.extend(samples);
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = server_pid.zip(cpu_before).map(|(pid, before)| CpuTime::of_threads(pid).since(&before));
+    let cpu_after = server_pid.map(CpuTime::of_threads);
+    let cpu = cpu_after.as_ref().zip(cpu_before.as_ref()).map(|(after, before)| after.since(before));
+    let waited = cpu_after.as_ref().zip(cpu_before.as_ref()).map(|(after, before)| after.waited_since(before)).filter(|w| !w.is_empty());
     let written = server_pid.zip(written_before).map(|(pid, before)| written_bytes(pid).saturating_sub(before));
-    let bench_cpu = CpuTime::of_threads(std::process::id()).since(&bench_before);
+    let bench_after = CpuTime::of_threads(std::process::id());
+    let (bench_cpu, bench_waited) = (bench_after.since(&bench_before), bench_after.waited_since(&bench_before));
     let kpi_after = kpi(&target).await;
     let acks_after = server_histogram(&target, "parley_message_ack_seconds").await;
     let saves_after = server_histogram(&target, "parley_save_batch_seconds").await;
@@ -268,7 +271,14 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         let threads: Vec<String> = cpu.iter().map(|(name, s)| format!("{name} {:.0}", per_message(*s))).collect();
         println!("server CPU µs/message: {:.0} ({})", per_message(cpu.iter().map(|(_, s)| s).sum()), threads.join(", "));
     }
-    println!("load generator CPU:    {:.0} µs/message", per_message(bench_cpu.iter().map(|(_, s)| s).sum()));
+    // Time runnable but not running: more threads wanting a core than there are cores. The
+    // store thread commits for every chat, so its wait delays every ack in the next commit.
+    if let Some(waited) = waited {
+        let threads: Vec<String> = waited.iter().take(3).map(|(name, s)| format!("{name} {:.0}", per_message(*s))).collect();
+        println!("  waiting for a CPU:   {}", threads.join(", "));
+    }
+    let generator_waited = if bench_waited.is_empty() { String::new() } else { format!(" (waiting for a CPU {:.0})", per_message(bench_waited.iter().map(|(_, s)| s).sum())) };
+    println!("load generator CPU:    {:.0} µs/message{generator_waited}", per_message(bench_cpu.iter().map(|(_, s)| s).sum()));
     if let Some(bytes) = written {
         println!("server disk writes:    {:.1} KB/message", bytes as f64 / 1000.0 / all.len().max(1) as f64);
     }
@@ -294,12 +304,17 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU seconds used by a process's threads, by thread name (threads of one name summed).
-struct CpuTime(std::collections::BTreeMap<String, f64>);
+/// CPU seconds used by a process's threads, by thread name (threads of one name summed), and
+/// seconds they waited runnable for a CPU (`/proc/.../schedstat`, where the kernel keeps it).
+struct CpuTime {
+    used: std::collections::BTreeMap<String, f64>,
+    waited: std::collections::BTreeMap<String, f64>,
+}
 
 impl CpuTime {
     fn of_threads(pid: u32) -> Self {
         let mut by_name = std::collections::BTreeMap::new();
+        let mut waited = std::collections::BTreeMap::new();
         // Clock ticks are 1/100 s on Linux.
         let ticks = 100.0;
         for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
@@ -309,14 +324,28 @@ impl CpuTime {
             let fields: Vec<&str> = rest.split_whitespace().collect();
             let used: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
             *by_name.entry(name.trim().to_string()).or_insert(0.0) += used / ticks;
+            // Nanoseconds on a CPU, then waiting on a run queue.
+            let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            if let Some(ns) = schedstat.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()) {
+                *waited.entry(name.trim().to_string()).or_insert(0.0) += ns / 1e9;
+            }
         }
-        Self(by_name)
+        Self { used: by_name, waited }
     }
 
     /// What each thread name used since `before`, busiest first, idle ones left out.
     fn since(&self, before: &Self) -> Vec<(String, f64)> {
+        Self::delta(&self.used, &before.used)
+    }
+
+    /// How long each thread name waited for a CPU since `before`, longest first.
+    fn waited_since(&self, before: &Self) -> Vec<(String, f64)> {
+        Self::delta(&self.waited, &before.waited)
+    }
+
+    fn delta(now: &std::collections::BTreeMap<String, f64>, before: &std::collections::BTreeMap<String, f64>) -> Vec<(String, f64)> {
         let mut used: Vec<(String, f64)> =
-            self.0.iter().map(|(name, s)| (name.clone(), s - before.0.get(name).copied().unwrap_or(0.0))).filter(|(_, s)| *s > 0.0).collect();
+            now.iter().map(|(name, s)| (name.clone(), s - before.get(name).copied().unwrap_or(0.0))).filter(|(_, s)| *s > 0.0).collect();
         used.sort_by(|a, b| b.1.total_cmp(&a.1));
         used
     }
