@@ -124,9 +124,9 @@ async fn events_by_long_poll_and_websocket_in_order() {
     assert!(response.headers().get("sec-websocket-protocol").is_none(), "nothing offered, nothing selected");
     let first = tokio::time::timeout(std::time::Duration::from_secs(10), by_url.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(serde_json::from_str::<Value>(first.to_text().unwrap()).unwrap()["seq"], 1);
-    let stranger = chat_socket(&server.addr, &customer.chat_id, 0, &token_protocols(&"0".repeat(32))).await.err().expect("a stranger is refused");
+    let stranger = chat_socket(&server.addr, &customer.chat_id, 0, &token_protocols(&"0".repeat(32))).await.expect_err("a stranger is refused");
     assert_eq!(stranger.0, 403, "{}", stranger.1);
-    let (status, body) = chat_socket(&server.addr, &customer.chat_id, 0, &format!("parley.token.{}", customer.token)).await.err().expect("refused");
+    let (status, body) = chat_socket(&server.addr, &customer.chat_id, 0, &format!("parley.token.{}", customer.token)).await.expect_err("refused");
     assert_eq!(status, 400);
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["code"], "subprotocol_missing", "{body}");
     for i in 0..20 {

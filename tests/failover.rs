@@ -29,7 +29,7 @@ async fn a_chat_continues_on_another_instance_after_kill_9() {
         let (client, token, who) = if i % 2 == 0 { (&mut customer, &customer_token, "c") } else { (&mut agent, &agent_token, "a") };
         let r = client.post(&messages_path, Some(token), json!({"text": format!("{who}{i}"), "client_msg_id": format!("{who}{i}")})).await.unwrap();
         assert_eq!(r.status, 200, "{:?}", r.body);
-        assert_eq!(r.instance.is_some(), true, "every response names its instance");
+        assert!(r.instance.is_some(), "every response names its instance");
         acked.push((r.body["seq"].as_u64().unwrap(), format!("{who}{i}")));
     }
 

@@ -7,6 +7,7 @@
 //!   its sender;
 //! - messages one tab sent one after another have increasing seqs;
 //! - polling events after any seq returns exactly the transcript's later events.
+//!
 //! The seed is printed; PARLEY_PROPERTY_SEED=N replays a run.
 
 mod common;

@@ -167,7 +167,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             let mut n = 1u64;
             let mut request = String::with_capacity(512);
             while Instant::now() < deadline {
-                let token = if n % 2 == 0 { &customer } else { &agent };
+                let token = if n.is_multiple_of(2) { &customer } else { &agent };
                 let sent = match interval {
                     Some(iv) => {
                         tokio::time::sleep_until(next).await;

@@ -77,12 +77,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         let database = DatabaseFile::new(dir.join(format!("store-{synchronous:?}.db")), synchronous, Duration::from_secs(5));
         let plugin = Arc::new(runtime.load(Slot::Intermediate, &section("builtin:sqlite-store"), Path::new("."))?);
         let mut store: Instance<TranscriptStore> = runtime.instance(plugin, Some(database));
-        let mut seq = 1u64;
         let commits = 200;
         let started = Instant::now();
-        for _ in 0..commits {
+        for seq in 1..=commits as u64 {
             let deltas: Vec<ChatDelta> = (0..100).map(|c| delta(c, seq)).collect();
-            seq += 1;
             let results = store.call(async |b, s| b.parley_plugin_store().call_save(s, &deltas).await).await.expect("save");
             assert!(results.iter().all(Result::is_ok), "saves succeed");
         }

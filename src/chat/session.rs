@@ -636,10 +636,12 @@ impl Session {
                 }
             }
         }
-        if result.is_ok() && self.deps.auto_save > 0 && self.deps.purge_on_close {
-            if let Err(e) = self.deps.intermediate.purge(&self.shared.id).await {
-                warn!(event_id = "chat.purge_failed", chat_id = %self.shared.id, cause = %e, "the intermediate transcript stays until its TTL");
-            }
+        if result.is_ok()
+            && self.deps.auto_save > 0
+            && self.deps.purge_on_close
+            && let Err(e) = self.deps.intermediate.purge(&self.shared.id).await
+        {
+            warn!(event_id = "chat.purge_failed", chat_id = %self.shared.id, cause = %e, "the intermediate transcript stays until its TTL");
         }
         self.count_end(true);
         let reason = self.shared.full_transcript().iter().rev().find(|e| e.kind == Kind::Closed).map(|e| e.text.clone()).unwrap_or_default();

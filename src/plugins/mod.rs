@@ -414,7 +414,9 @@ pub trait World: Sized + Send + 'static {
         component: &Component,
         linker: &Linker<PluginState>,
     ) -> impl Future<Output = wasmtime::Result<Self>> + Send;
-    /// Hands the plugin its settings (`init` / `configure`).
+    /// Hands the plugin its settings (`init` / `configure`). A `&Vec`, as the generated
+    /// bindings take it.
+    #[allow(clippy::ptr_arg)]
     fn start(&self, store: &mut Store<PluginState>, settings: &Vec<(String, String)>) -> impl Future<Output = wasmtime::Result<Result<(), String>>> + Send;
 }
 

@@ -25,10 +25,13 @@ pub const CLUSTER_KEY: &str = "parley-cluster-key";
 /// connection the peer is closing fails as if the owner were gone.
 const MAX_IDLE: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// A keep-alive connection to another instance.
+type Connection = SendRequest<Full<Bytes>>;
+
 /// Idle keep-alive connections to the other instances, with when each became idle.
 #[derive(Default)]
 pub struct Peers {
-    idle: Mutex<HashMap<String, Vec<(std::time::Instant, SendRequest<Full<Bytes>>)>>>,
+    idle: Mutex<HashMap<String, Vec<(std::time::Instant, Connection)>>>,
 }
 
 impl Peers {
