@@ -594,10 +594,11 @@ fn previous_version_restores(db: &Path, chat_id: &str) -> Vec<(u64, String)> {
 
 /// Chats opened together fill up together: they reach the SQLite store's fold threshold in the
 /// same commits, and the store folds them a few per commit, oldest first, paced by the rows it
-/// logs, so for a while many chats hold more logged rows than the threshold. A kill -9 while they wait, and another one
-/// later: every chat's transcript is exactly its acknowledged messages, once and in order, and
-/// the store plugin never faulted (a trap is survived by recreating the instance, which would
-/// hide a broken fold from the participants, not from the operator's log).
+/// logs, so for a while many chats hold more logged rows than the threshold. A kill -9 while
+/// they wait, and another one later: every chat's transcript is exactly its acknowledged
+/// messages, once and in order, and the store plugin never faulted (a trap is survived by
+/// recreating the instance, which would hide a broken fold from the participants, not from the
+/// operator's log).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chats_filling_up_together_are_intact_after_kill_9() {
     let data = Scratch::new("fill-together");

@@ -212,9 +212,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         all.extend(samples);
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu_after = server_pid.map(CpuTime::of_threads);
-    let cpu = cpu_after.as_ref().zip(cpu_before.as_ref()).map(|(after, before)| after.since(before));
-    let waited = cpu_after.as_ref().zip(cpu_before.as_ref()).map(|(after, before)| after.waited_since(before)).filter(|w| !w.is_empty());
+    let server_cpu = server_pid.zip(cpu_before).map(|(pid, before)| {
+        let after = CpuTime::of_threads(pid);
+        (after.since(&before), after.waited_since(&before))
+    });
     let written = server_pid.zip(written_before).map(|(pid, before)| written_bytes(pid).saturating_sub(before));
     let bench_after = CpuTime::of_threads(std::process::id());
     let (bench_cpu, bench_waited) = (bench_after.since(&bench_before), bench_after.waited_since(&bench_before));
@@ -267,13 +268,13 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     // Where the CPU went, per acknowledged message: the two cores are shared by the server's
     // threads and the load generator, so this is what bounds throughput.
     let per_message = |seconds: f64| seconds * 1e6 / all.len().max(1) as f64;
-    if let Some(cpu) = cpu {
+    if let Some((cpu, _)) = &server_cpu {
         let threads: Vec<String> = cpu.iter().map(|(name, s)| format!("{name} {:.0}", per_message(*s))).collect();
         println!("server CPU µs/message: {:.0} ({})", per_message(cpu.iter().map(|(_, s)| s).sum()), threads.join(", "));
     }
     // Time runnable but not running: more threads wanting a core than there are cores. The
     // store thread commits for every chat, so its wait delays every ack in the next commit.
-    if let Some(waited) = waited {
+    if let Some((_, waited)) = server_cpu.as_ref().filter(|(_, waited)| !waited.is_empty()) {
         let threads: Vec<String> = waited.iter().take(3).map(|(name, s)| format!("{name} {:.0}", per_message(*s))).collect();
         println!("  waiting for a CPU:   {}", threads.join(", "));
     }
@@ -323,12 +324,13 @@ impl CpuTime {
             let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
             let fields: Vec<&str> = rest.split_whitespace().collect();
             let used: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
-            *by_name.entry(name.trim().to_string()).or_insert(0.0) += used / ticks;
+            let name = name.trim().to_string();
             // Nanoseconds on a CPU, then waiting on a run queue.
             let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
             if let Some(ns) = schedstat.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()) {
-                *waited.entry(name.trim().to_string()).or_insert(0.0) += ns / 1e9;
+                *waited.entry(name.clone()).or_insert(0.0) += ns / 1e9;
             }
+            *by_name.entry(name).or_insert(0.0) += used / ticks;
         }
         Self { used: by_name, waited }
     }

@@ -169,7 +169,8 @@ const CHAT_ROWS: usize = 32;
 /// proportion to the commit, or of a chat per commit, made a slow commit's successor bigger and
 /// slower again, most of all when a thousand chats opened together came due in the same second.
 const FOLD_CREDIT_PER_ROW: i64 = 5;
-const FOLD_CREDIT_MAX: i64 = 4 * CHAT_ROWS as i64;
+const QUARTERS_PER_ROW: i64 = 4;
+const FOLD_CREDIT_MAX: i64 = QUARTERS_PER_ROW * CHAT_ROWS as i64;
 /// Or at once, holding the oldest row while the log holds more than this many bytes of unfolded
 /// text. Together they bound what a load scans, what a claim folds, and what the plugin keeps in
 /// memory.
@@ -363,7 +364,7 @@ fn save_as(w: &mut Writer, owner: &str, deltas: &[ChatDelta]) -> Vec<Result<(), 
             break;
         }
         if !due.iter().any(|c| c == chat) {
-            credit -= 4 * w.chats[chat].rows.len() as i64;
+            credit -= QUARTERS_PER_ROW * w.chats[chat].rows.len() as i64;
             due.push(chat.to_string());
         }
     }
