@@ -111,11 +111,16 @@ const UPSERT_CHAT: &str = "INSERT INTO chats (chat_id, epoch, owner, state, meta
     WHERE chats.epoch = excluded.epoch AND chats.owner = excluded.owner";
 
 /// Logs one event while the writer (`{writer}`, a quoted literal) holds the chat's epoch: the
-/// same fence as the chat row.
-const LOG_EVENT: &str = "INSERT INTO event_log
+/// same fence as the chat row. The fence is the `writer` column: the chat row's owner while the
+/// epoch holds, else NULL, which `OR IGNORE` skips (0 rows changed). A one-row `VALUES` insert
+/// needs no statement journal; the `INSERT ... SELECT ... WHERE EXISTS` before it opened a
+/// savepoint and copied the log's last page into it for every event (`parley bench plugins`:
+/// SQLite statements 0.40-0.44 -> 0.35 ms per 100 events). `n` is never taken twice (blocks
+/// are a writer's own), so `OR IGNORE` skips nothing else.
+const LOG_EVENT: &str = "INSERT OR IGNORE INTO event_log
     (chat_id, seq, kind, participant_id, nickname, text, client_msg_id, at_ms, writer, n)
-    SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, {writer}, ?10
-    WHERE EXISTS (SELECT 1 FROM chats WHERE chat_id = ?1 AND epoch = ?9 AND owner = {writer})";
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8,
+        (SELECT owner FROM chats WHERE chat_id = ?1 AND epoch = ?9 AND owner = {writer}), ?10)";
 
 /// Copies one logged row into `events`, found by its position: nothing crosses into the plugin
 /// and back. It was accepted under the chat's epoch when logged. A later row of the same seq
