@@ -65,7 +65,7 @@ impl Guest for FaultyStore {
         }
         let (failing, healthy): (Vec<_>, Vec<_>) = deltas.iter().enumerate().partition(|(_, d)| marker(d, "!fail"));
         let healthy_deltas: Vec<ChatDelta> = healthy.iter().map(|(_, d)| (*d).clone()).collect();
-        let mut saved = tables::save(&healthy_deltas).into_iter();
+        let mut saved = tables::save(healthy_deltas).into_iter();
         let mut results = Vec::with_capacity(deltas.len());
         for (i, delta) in deltas.iter().enumerate() {
             if failing.iter().any(|(j, _)| *j == i) {

@@ -19,7 +19,7 @@ impl Guest for SqliteStore {
         tables::init(&settings)
     }
     fn save(deltas: Vec<ChatDelta>) -> Vec<Result<(), StoreError>> {
-        tables::save(&deltas)
+        tables::save(deltas)
     }
     fn renew_lease(instance_id: String, incarnation: String, address: String, now_ms: u64, ttl_ms: u64) -> Result<Vec<Member>, StoreError> {
         tables::renew_lease(&instance_id, &incarnation, &address, now_ms, ttl_ms)
