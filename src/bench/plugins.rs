@@ -88,15 +88,16 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 let results = store.call(async |b, s| b.parley_plugin_store().call_save(s, &deltas).await).await.expect("save");
                 assert!(results.iter().all(Result::is_ok), "saves succeed");
             }
-            let per_commit = started.elapsed() / commits as u32;
+            let calls = commits as u32;
+            let per_commit = started.elapsed() / calls;
             let sql = store.sql_time();
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             println!(
                 "store rust (builtin:sqlite-store, synchronous={synchronous:?}): save of {per_save} chats x 1 event ({chats} chats in turn) {:.3} ms/call: SQLite statements {:.3} ms, commit {:.3} ms, the plugin and the boundary {:.3} ms",
                 ms(per_commit),
-                ms(sql.statements / commits as u32),
-                ms(sql.commit / commits as u32),
-                ms(per_commit.saturating_sub((sql.statements + sql.commit) / commits as u32))
+                ms(sql.statements / calls),
+                ms(sql.commit / calls),
+                ms(per_commit.saturating_sub((sql.statements + sql.commit) / calls))
             );
         }
     }

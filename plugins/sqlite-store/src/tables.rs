@@ -135,7 +135,8 @@ const LOG_EVENT: &str = "INSERT OR IGNORE INTO event_log
 /// SELECT` runs in a statement journal, a savepoint and a copy of the chat's page in `events`
 /// per execution (`parley bench plugins`, synchronous=normal: SQLite statements 0.32 -> 0.26 ms
 /// per save of 100 events).
-const FOLD_ROWS: usize = 32;
+/// A ripe chat's rows fold in one statement.
+const FOLD_ROWS: usize = CHAT_ROWS;
 static FOLD_CHUNK: LazyLock<String> = LazyLock::new(|| {
     let positions = (2..FOLD_ROWS + 2).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
     format!(
@@ -725,6 +726,7 @@ pub fn purge(chat_id: &str) -> Result<(), StoreError> {
 }
 
 fn event_row(chat_id: &str, e: Event) -> Vec<Value> {
+    // Room for the log's epoch and position, which `save_as` appends.
     let mut row = Vec::with_capacity(10);
     row.extend([
         Value::Text(chat_id.to_string()),
