@@ -108,3 +108,40 @@ async fn the_example_deployment_starts_and_serves() {
     let (mut customer, _agent) = open_chat(&server, "Ann").await;
     assert_eq!(customer.send("hello", "c1").await.status, 200);
 }
+
+/// A rollback to a Parley whose store cannot read the database's layout is refused before the
+/// store touches the file: started anyway, it would serve chats without the events it does not
+/// know where to find. A newer layout that older stores can still read starts as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_in_a_layout_this_store_cannot_read_is_refused() {
+    let data = Scratch::new("schema");
+    let server = Server::start(data.path(), None);
+    let (mut customer, _agent) = open_chat(&server, "Ann").await;
+    assert_eq!(customer.send("before the upgrade", "c1").await.status, 200);
+    server.kill9();
+    assert_eq!(data.read_integer("SELECT version FROM store_schema", []), 3);
+    let stored = || data.read_integer("SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM event_log)", []);
+    let events = stored();
+    assert!(events >= 2, "the chat's events are stored: {events}");
+    let write = |version: i64, readable_from: i64| {
+        let db = rusqlite::Connection::open(data.path().join("parley.db")).unwrap();
+        db.execute("UPDATE store_schema SET version = ?1, readable_from = ?2", [version, readable_from]).unwrap();
+    };
+
+    write(4, 3);
+    let server = Server::start(data.path(), None);
+    let (mut customer, _agent) = open_chat(&server, "Bob").await;
+    assert_eq!(customer.send("after a compatible upgrade", "c1").await.status, 200);
+    server.kill9();
+    assert_eq!(data.read_integer("SELECT version FROM store_schema", []), 4, "a store never lowers the recorded layout");
+
+    write(5, 4);
+    let events = stored();
+    let (code, stderr) = Server::refuse(data.path(), &data.deployment(""));
+    assert_eq!(code, 2, "exit code; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line, got {lines:?}");
+    assert_names(lines[0], &["slot intermediate", "builtin:sqlite-store", "could not start", "store schema 5", "schema 4 or newer", "this store is schema 3"]);
+    assert_eq!(data.read_integer("SELECT version * 10 + readable_from FROM store_schema", []), 54, "the refusal left the record alone");
+    assert_eq!(stored(), events, "and every event");
+}

@@ -408,6 +408,8 @@ fn parse_parley(name: &str) -> Option<(String, String)> {
 /// What the host needs of each world's generated bindings.
 pub trait World: Sized + Send + 'static {
     const KIND: WorldKind;
+    /// What the startup line says when `start` returns an error.
+    const REFUSAL: &str;
     fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()>;
     fn instantiate(
         store: &mut Store<PluginState>,
@@ -422,6 +424,8 @@ pub trait World: Sized + Send + 'static {
 
 impl World for TranscriptStore {
     const KIND: WorldKind = WorldKind::Store;
+    /// `init` checks the database as well as the settings.
+    const REFUSAL: &str = "could not start";
     fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
         TranscriptStore::add_to_linker::<PluginState, HasSelf<PluginState>>(linker, |s| s)
     }
@@ -436,6 +440,7 @@ impl World for TranscriptStore {
 
 impl World for SaveErrorPolicy {
     const KIND: WorldKind = WorldKind::Policy;
+    const REFUSAL: &str = "refused its settings";
     fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
         SaveErrorPolicy::add_to_linker::<PluginState, HasSelf<PluginState>>(linker, |s| s)
     }
@@ -449,6 +454,7 @@ impl World for SaveErrorPolicy {
 
 impl World for NoticeHandler {
     const KIND: WorldKind = WorldKind::Notices;
+    const REFUSAL: &str = "refused its settings";
     fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
         NoticeHandler::add_to_linker::<PluginState, HasSelf<PluginState>>(linker, |s| s)
     }
@@ -508,7 +514,7 @@ impl<W: World> Instance<W> {
         store.set_epoch_deadline(self.deadline_ticks());
         match bindings.start(&mut store, &plugin.settings).await {
             Ok(Ok(())) => Ok((store, bindings)),
-            Ok(Err(problem)) => Err(PluginFault::Instantiate(format!("refused its settings: {problem}"))),
+            Ok(Err(problem)) => Err(PluginFault::Instantiate(format!("{}: {problem}", W::REFUSAL))),
             Err(e) => Err(self.fault(&store, e)),
         }
     }

@@ -11,6 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 pub const AGENT: &str = "test-agent-token";
 pub const ADMIN: &str = "test-admin-token";
@@ -95,9 +96,16 @@ impl Server {
         Self::spawn(c)
     }
 
-    /// Runs `parley serve` expecting it to refuse to start; returns (exit code, stderr).
+    /// Runs `parley serve` expecting it to refuse to start; returns (exit code, stderr). One that
+    /// is still running after 30 s started instead: it is killed, and the code is -1.
     pub fn refuse(data: &Path, config: &Path) -> (i32, String) {
-        let out = command(data, Some(config), "127.0.0.1:0").stdout(Stdio::null()).output().expect("spawn parley");
+        let mut child = command(data, Some(config), "127.0.0.1:0").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn parley");
+        let started = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
         (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 

@@ -30,7 +30,20 @@ use crate::names::{kind_name, parse_kind, parse_state, state_name};
 use crate::parley::plugin::types::{ChatState, Event};
 use crate::LOG_SIZES;
 
+/// The layout of the tables, numbered since 2026-11-28: 3 is `event_log` keyed by position; 2 was
+/// `log` keyed by writer; 1, `events` alone. This store reads every layout up to its own.
+const SCHEMA_VERSION: i64 = 3;
+/// The oldest layout whose stores read what this one writes. A schema-2 store does not read
+/// `event_log`: it gets those rows only through the claim trigger, when it takes a chat from
+/// another owner, never for its own chats under the same instance id. So 3.
+const READABLE_FROM: i64 = 3;
+
 const SCHEMA: &[&str] = &[
+    // Which layout wrote the file, and which stores can read it. A store refuses to start on a
+    // file it cannot read: started on a newer layout, it would serve chats without the events
+    // it does not know where to find, and answer as if they were never sent.
+    "CREATE TABLE IF NOT EXISTS store_schema (
+        one INTEGER PRIMARY KEY CHECK (one = 1), version INTEGER NOT NULL, readable_from INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS chats (
         chat_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, owner TEXT NOT NULL,
         state TEXT NOT NULL, meta TEXT NOT NULL) WITHOUT ROWID",
@@ -208,15 +221,41 @@ pub struct LogSizes {
 
 const EVENT_COLUMNS: &str = "seq, kind, participant_id, nickname, text, client_msg_id, at_ms";
 
+/// Never lowers what a newer store recorded.
+const RECORD_SCHEMA: &str = "INSERT INTO store_schema (one, version, readable_from) VALUES (1, ?1, ?2)
+    ON CONFLICT (one) DO UPDATE SET version = max(version, excluded.version), readable_from = max(readable_from, excluded.readable_from)";
+
 pub fn init(_settings: &Settings) -> Result<(), StoreError> {
+    check_schema()?;
     let trigger = CLAIM_FOLDS_PREVIOUS_OWNER.replace("{block_rows}", &LOG_SIZES.block_rows.to_string());
-    let statements = SCHEMA
+    let mut statements = SCHEMA
         .iter()
         .map(|sql| sql.to_string())
         .chain([trigger])
         .map(|sql| Statement { sql, rows: vec![vec![]] })
         .collect::<Vec<_>>();
+    let versions = vec![vec![Value::Integer(SCHEMA_VERSION), Value::Integer(READABLE_FROM)]];
+    statements.push(Statement { sql: RECORD_SCHEMA.to_string(), rows: versions });
     sql::transaction(&statements).map(drop).map_err(store_error)
+}
+
+/// Refuses a file written by a layout this store cannot read, before creating anything in it.
+/// A file from before the layouts were numbered has no `store_schema`: every such layout is
+/// one this store reads.
+fn check_schema() -> Result<(), StoreError> {
+    let numbered = sql::query("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'store_schema'", &[]).map_err(store_error)?;
+    if numbered.is_empty() {
+        return Ok(());
+    }
+    let recorded = sql::query("SELECT version, readable_from FROM store_schema", &[]).map_err(store_error)?;
+    match recorded.first() {
+        Some(row) if int(&row[1]) as i64 > SCHEMA_VERSION => Err(StoreError::Invalid(format!(
+            "the database holds store schema {}, which only stores of schema {} or newer read; this store is schema {SCHEMA_VERSION} (run the Parley that wrote it, or a newer one)",
+            int(&row[0]),
+            int(&row[1])
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// What one plugin instance logged as one writer and has not folded yet.
