@@ -94,7 +94,10 @@ impl StoreSlot {
 
     fn spawn_named(name: String, instance: Instance<TranscriptStore>, max_batch: usize, kpi: Arc<Kpi>, fence: Option<Arc<Lease>>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        spawn_worker(name, move || run_store(instance, rx, max_batch, kpi, fence));
+        spawn_worker(name, move || {
+            ask_for_short_slices();
+            run_store(instance, rx, max_batch, kpi, fence)
+        });
         Self { jobs: tx }
     }
 
@@ -452,6 +455,40 @@ async fn run_notices(mut instance: Instance<NoticeHandler>, mut rx: mpsc::Unboun
         }
         if let Some(new) = replacement {
             instance = *new;
+        }
+    }
+}
+
+/// Asks the kernel's scheduler (EEVDF, Linux 6.12 and later) for 0.1 ms slices for the calling
+/// thread, instead of the default 1.4 ms or more. Its share of the CPU stays the same (and so
+/// does its nice value); a shorter slice gives it earlier deadlines, so when it wakes (a batch
+/// has come, its fsync has returned) it runs at once instead of waiting out the slice of a busy
+/// HTTP worker. Every acknowledgement waits for the store thread's commit. At 20,000 msg/s on
+/// two cores it halved the commits slower than 5 ms on a fast stretch of the host; on slow ones
+/// no difference showed (README, "What paid"). Best effort: older kernels ignore it.
+fn ask_for_short_slices() {
+    #[cfg(target_os = "linux")]
+    {
+        /// `struct sched_attr` (`SCHED_ATTR_SIZE_VER0`); `runtime` is the slice for SCHED_OTHER.
+        #[repr(C)]
+        struct SchedAttr {
+            size: u32,
+            policy: u32,
+            flags: u64,
+            nice: i32,
+            priority: u32,
+            runtime: u64,
+            deadline: u64,
+            period: u64,
+        }
+        // SAFETY: getpriority reads this thread's nice value; sched_setattr reads `attr`, a
+        // complete VER0 struct that outlives the call.
+        unsafe {
+            let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
+            let attr = SchedAttr { size: 48, policy: libc::SCHED_OTHER as u32, flags: 0, nice, priority: 0, runtime: 100_000, deadline: 0, period: 0 };
+            if libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) != 0 {
+                tracing::debug!("no short scheduler slices for this thread: {}", std::io::Error::last_os_error());
+            }
         }
     }
 }
