@@ -491,6 +491,11 @@ impl Chats {
         if let Some(h) = self.local(chat_id) {
             return Ok(Whereabouts::Here(h));
         }
+        Box::pin(self.restore(chat_id, requester, forwarded)).await
+    }
+
+    /// `locate` for a chat not in memory here.
+    async fn restore(&self, chat_id: &str, requester: &Requester, forwarded: bool) -> Result<Whereabouts, ChatError> {
         // Requests racing for the same stored chat restore it once; other chats restore in parallel.
         let gate = self.restoring.lock().unwrap().entry(chat_id.into()).or_default().clone();
         let result = {

