@@ -1,7 +1,7 @@
 //! Parley on a real Apache Cassandra 5.0 node (started by `cassandra/node.sh start` if it
 //! is not running yet: Java 17 and Maven are needed): the foundation's conversation and the N+1 cluster's kill -9 tests with Cassandra
-//! as the store, non-ASCII text and row TTLs, Cassandra stopped and started mid-chat, and a
-//! refused save that landed.
+//! as the store, non-ASCII text and row TTLs, Cassandra stopped and started mid-chat, a
+//! refused save that landed, and the keyspace's numbered layout.
 //! Each test has a keyspace of its own, made by `parley storage init`.
 
 mod common;
@@ -357,6 +357,76 @@ async fn tls_to_the_node_is_verified() {
     let (code, stderr) = Server::refuse(&on.scratch.path().join("refused"), &wrong);
     assert_ne!(code, 0);
     assert!(stderr.contains("cannot reach Cassandra at 127.0.0.1:"), "{stderr}");
+}
+
+/// `parley storage init` records the keyspace's layout in `store_schema`, and no run of it
+/// lowers a newer record. A store starts on a keyspace it can read, including one made before
+/// the layouts were numbered, and refuses one that needs a newer store, with one line naming
+/// slot, plugin and both layouts, leaving the record and the rows alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyspace_in_a_layout_this_store_cannot_read_is_refused() {
+    let _node = NODE.read().await;
+    let on = OnCassandra::new("layout", "");
+    let session = on.session().await;
+    let ks = on.section.keyspace.clone();
+    let recorded = || async {
+        let rows = session.query(&format!("SELECT version, readable_from FROM {ks}.store_schema WHERE one = 1"), &[vec![]]).await;
+        match rows.into_iter().next().unwrap().unwrap().as_slice() {
+            [row] => match row.as_slice() {
+                [Cql::Int(v), Cql::Int(r)] => Some((*v, *r)),
+                other => panic!("store_schema row {other:?}"),
+            },
+            [] => None,
+            more => panic!("store_schema holds {} rows", more.len()),
+        }
+    };
+    let record = |version: i32, readable_from: i32| {
+        let cql = format!("UPDATE {ks}.store_schema SET version = {version}, readable_from = {readable_from} WHERE one = 1");
+        let session = &session;
+        async move { session.run(&cql).await.unwrap() }
+    };
+    assert_eq!(recorded().await, Some((1, 1)), "storage init records layout 1");
+
+    let server = on.start();
+    let (mut customer, _agent) = open_chat(&server, "Ann").await;
+    assert_eq!(customer.send("before the upgrade", "c1").await.status, 200);
+    server.kill9();
+
+    // A newer layout that this store still reads: it starts and serves; storage init again
+    // (as an older Parley's would) leaves the record as it is.
+    record(2, 1).await;
+    let init = Command::new(env!("CARGO_BIN_EXE_parley")).args(["storage", "init", "--config"]).arg(&on.config).output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    assert_eq!(recorded().await, Some((2, 1)), "storage init never lowers the recorded layout");
+    let server = on.start();
+    customer.moved_to(&server);
+    assert_eq!(customer.send("after a compatible upgrade", "c2").await.status, 200);
+    server.kill9();
+
+    // A layout only newer stores read: refused before anything is written.
+    record(5, 4).await;
+    let stored = || async {
+        let rows = session.query(&format!("SELECT count(*) FROM {ks}.events WHERE chat_id = ?"), &[vec![Cql::Text(customer.chat_id.clone())]]).await;
+        format!("{:?}", rows.into_iter().next().unwrap().unwrap())
+    };
+    let events = stored().await;
+    let (code, stderr) = Server::refuse(&on.scratch.path().join("refused"), &on.config);
+    assert_eq!(code, 2, "exit code; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line, got {lines:?}");
+    for part in ["slot intermediate", "cassandra-store", "could not start", "keyspace holds store schema 5", "schema 4 or newer", "this store is schema 1"] {
+        assert!(lines[0].contains(part), "{:?} should mention {part:?}", lines[0]);
+    }
+    assert_eq!(recorded().await, Some((5, 4)), "the refusal left the record alone");
+    assert_eq!(stored().await, events, "and every event");
+
+    // A keyspace from before the numbering (no store_schema) is in layout 1: it starts.
+    session.run(&format!("DROP TABLE {ks}.store_schema")).await.unwrap();
+    let server = on.start();
+    customer.moved_to(&server);
+    assert_eq!(customer.send("on an unnumbered keyspace", "c3").await.status, 200);
+    let texts: Vec<String> = messages(&customer.transcript().await).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, ["before the upgrade", "after a compatible upgrade", "on an unnumbered keyspace"]);
 }
 
 /// The example deployment parses and spells out exactly the defaults.

@@ -69,7 +69,7 @@ impl Guest for CassandraStore {
         }
         let _ = KEYSPACE.set(keyspace.to_string());
         match one(&q("SELECT instance_id FROM parley.members LIMIT 1"), vec![]) {
-            Ok(_) => Ok(()),
+            Ok(_) => check_layout(),
             Err(CqlError::Invalid(m)) => Err(StoreError::Invalid(format!(
                 "the keyspace lacks Parley's tables (run `parley storage init --config FILE` once): {m}"
             ))),
@@ -316,6 +316,26 @@ impl Guest for CassandraStore {
 /// Runs one statement with one parameter row.
 fn one(statement: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>, CqlError> {
     cql::query(statement, &[params]).pop().unwrap_or_else(|| Ok(Vec::new()))
+}
+
+/// The layout of the tables this store reads and writes, as `store_schema` records it
+/// (cassandra/schema.cql): 1, the only one so far.
+const LAYOUT: i32 = 1;
+
+/// Refuses a keyspace in a layout this store cannot read. A keyspace made before the layouts
+/// were numbered (no `store_schema`, or no row in it) is in layout 1.
+fn check_layout() -> Result<(), StoreError> {
+    let recorded = match one(&q("SELECT version, readable_from FROM parley.store_schema WHERE one = 1"), vec![]) {
+        Ok(rows) => rows,
+        Err(CqlError::Invalid(_)) => return Ok(()),
+        Err(e) => return Err(store_error(e)),
+    };
+    match recorded.first().map(|r| (&r[0], &r[1])) {
+        Some((Value::Int(version), Value::Int(readable_from))) if *readable_from > LAYOUT => Err(StoreError::Invalid(format!(
+            "the keyspace holds store schema {version}, which only stores of schema {readable_from} or newer read; this store is schema {LAYOUT} (run the Parley that wrote it, or a newer one)"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Whether a lightweight transaction took effect (its first column, `[applied]`).
