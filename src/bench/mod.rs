@@ -153,6 +153,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let acks_before = server_histogram(&target, "parley_message_ack_seconds").await;
     let saves_before = server_histogram(&target, "parley_save_batch_seconds").await;
     let deadline = Instant::now() + Duration::from_secs(o.seconds);
+    let host = HostProbe::start(own_server.as_ref().map(|(_, dir): &(_, PathBuf)| dir.clone()));
     let started = Instant::now();
     let mut load = tokio::task::JoinSet::new();
     let interval = (o.rate > 0).then(|| Duration::from_secs_f64(o.chats as f64 / o.rate as f64));
@@ -212,6 +213,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         all.extend(samples);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let host = host.stop();
     let server_cpu = server_pid.zip(cpu_before).map(|(pid, before)| {
         let after = CpuTime::of_threads(pid);
         (after.since(&before), after.waited_since(&before))
@@ -283,6 +285,25 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     if let Some(bytes) = written {
         println!("server disk writes:    {:.1} KB/message", bytes as f64 / 1000.0 / all.len().max(1) as f64);
     }
+    // Not the load: the machine stopped as a whole. Every ack in flight then waits, and the
+    // backlog takes the spare quarter of the cores a while to pay off.
+    if let Some(host) = &host.machine {
+        println!(
+            "host:                  steal {:.2} s of CPU over the run; {} stalls over 20 ms (longest {:.0} ms), steal {:.2} s in them",
+            host.steal,
+            host.stalls,
+            host.longest * 1000.0,
+            host.steal_in_stalls
+        );
+    }
+    if let Some(disk) = &host.disk {
+        println!(
+            "  disk probe:          {} fsyncs of 4 KiB beside the server's, {} over 20 ms, longest {:.1} ms",
+            disk.fsyncs,
+            disk.slow,
+            disk.longest * 1000.0
+        );
+    }
 
     // Every acknowledged message must be in its transcript exactly once. A message that got
     // no ack (an error) may or may not be stored — its client would resend it with its
@@ -350,6 +371,109 @@ impl CpuTime {
             now.iter().map(|(name, s)| (name.clone(), s - before.get(name).copied().unwrap_or(0.0))).filter(|(_, s)| *s > 0.0).collect();
         used.sort_by(|a, b| b.1.total_cmp(&a.1));
         used
+    }
+}
+
+/// Watches the machine during a run, apart from the load. A thread that wakes every 5 ms
+/// notes how long each sleep really took and the CPU time the hypervisor gave to other guests
+/// meanwhile (`steal` of `/proc/stat`): a gap with steal in it is the VM standing still. With
+/// the instance's data directory, another thread writes 4 KiB and fsyncs it there every 50 ms:
+/// a long one is the disk stalling under the server's commits too.
+struct HostProbe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    machine: std::thread::JoinHandle<Option<MachineReport>>,
+    disk: Option<std::thread::JoinHandle<std::io::Result<DiskReport>>>,
+}
+
+struct HostReport {
+    machine: Option<MachineReport>,
+    disk: Option<DiskReport>,
+}
+
+struct MachineReport {
+    /// Seconds of CPU time stolen over the run, all CPUs.
+    steal: f64,
+    /// Wakeups more than 20 ms late, the longest gap (s), and the steal in those gaps.
+    stalls: u32,
+    longest: f64,
+    steal_in_stalls: f64,
+}
+
+struct DiskReport {
+    fsyncs: u32,
+    /// Over 20 ms, and the longest (s).
+    slow: u32,
+    longest: f64,
+}
+
+impl HostProbe {
+    fn start(data: Option<PathBuf>) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let machine = std::thread::Builder::new()
+            .name("host-probe".into())
+            .spawn(move || {
+                let first = Self::steal()?;
+                let mut report = MachineReport { steal: 0.0, stalls: 0, longest: 0.0, steal_in_stalls: 0.0 };
+                let (mut then, mut stolen) = (Instant::now(), first);
+                while !stopped.load(Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                    let (now, steal) = (Instant::now(), Self::steal()?);
+                    let gap = (now - then).as_secs_f64();
+                    report.longest = report.longest.max(gap);
+                    if gap > 0.020 {
+                        report.stalls += 1;
+                        report.steal_in_stalls += steal - stolen;
+                    }
+                    (then, stolen) = (now, steal);
+                }
+                report.steal = stolen - first;
+                Some(report)
+            })
+            .expect("spawn the host probe");
+        let stopped = stop.clone();
+        let disk = data.map(|dir| {
+            std::thread::Builder::new()
+                .name("disk-probe".into())
+                .spawn(move || {
+                    use std::os::unix::fs::FileExt;
+                    let path = dir.join(format!("bench-disk-probe-{}", std::process::id()));
+                    let file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path)?;
+                    let page = [0x5a_u8; 4096];
+                    let mut report = DiskReport { fsyncs: 0, slow: 0, longest: 0.0 };
+                    while !stopped.load(Relaxed) {
+                        let at = Instant::now();
+                        file.write_all_at(&page, 0)?;
+                        file.sync_all()?;
+                        let took = at.elapsed().as_secs_f64();
+                        report.fsyncs += 1;
+                        report.slow += u32::from(took > 0.020);
+                        report.longest = report.longest.max(took);
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    let _ = std::fs::remove_file(&path);
+                    Ok(report)
+                })
+                .expect("spawn the disk probe")
+        });
+        Self { stop, machine, disk }
+    }
+
+    fn stop(self) -> HostReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        HostReport {
+            machine: self.machine.join().ok().flatten(),
+            disk: self.disk.and_then(|d| d.join().ok()).and_then(Result::ok),
+        }
+    }
+
+    /// Seconds stolen so far, all CPUs (None where `/proc/stat` is not there to read): the
+    /// eighth number of its `cpu` line, in clock ticks of 1/100 s.
+    fn steal() -> Option<f64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks: f64 = stat.lines().next()?.split_whitespace().nth(8)?.parse().ok()?;
+        Some(ticks / 100.0)
     }
 }
 
