@@ -35,6 +35,7 @@ pub async fn start(deployment: Deployment) -> Result<Started, StartError> {
     let kpi = Arc::new(Kpi::default());
     let runtime = Runtime::new(data.join("plugin-cache"), kpi.clone()).map_err(|e| StartError::Other(format!("plugin runtime: {e:#}")))?;
     let mut database = DatabaseFile::new(data.join("parley.db"), deployment.sqlite.synchronous, Duration::from_millis(deployment.sqlite.busy_timeout_ms));
+    database.record_commits(kpi.sqlite_commits.clone());
     let checkpoints = database.checkpoint_apart();
 
     if let Some(c) = &deployment.cassandra {

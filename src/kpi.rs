@@ -9,7 +9,7 @@ use std::time::Duration;
 const BUCKETS_US: [u64; 16] = [5, 10, 25, 50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 500_000, 1_000_000];
 
 /// A Prometheus latency histogram, updated without locks.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Histogram {
     counts: [AtomicU64; BUCKETS_US.len() + 1],
     sum_us: AtomicU64,
@@ -71,6 +71,9 @@ pub struct Kpi {
     pub message_acks: Histogram,
     /// Latency of every plugin call, per slot (intermediate, final, save-error-policy, notice-handler).
     pub plugin_calls: [Histogram; 4],
+    /// The COMMIT of each write transaction on the embedded SQLite file (its WAL frames
+    /// written and, with synchronous = full, fsynced): the disk's share of a slow save.
+    pub sqlite_commits: std::sync::Arc<Histogram>,
     /// Whether the intermediate store answered its last call (0 after an `unavailable`).
     storage_available: std::sync::atomic::AtomicBool,
 }
@@ -95,6 +98,7 @@ impl Default for Kpi {
             save_latency: Default::default(),
             message_acks: Default::default(),
             plugin_calls: Default::default(),
+            sqlite_commits: Default::default(),
             storage_available: true.into(),
         }
     }
@@ -203,6 +207,11 @@ impl Kpi {
         self.save_latency.write(&mut out, "parley_save_batch_seconds", &format!("instance=\"{instance}\""));
         let _ = writeln!(out, "# HELP parley_message_ack_seconds From a message's arrival at its chat's owner to its acknowledgement.\n# TYPE parley_message_ack_seconds histogram");
         self.message_acks.write(&mut out, "parley_message_ack_seconds", &format!("instance=\"{instance}\""));
+        let _ = writeln!(
+            out,
+            "# HELP parley_sqlite_commit_seconds The COMMIT of a write transaction on the embedded SQLite file: its WAL frames written and, with synchronous = full, fsynced.\n# TYPE parley_sqlite_commit_seconds histogram"
+        );
+        self.sqlite_commits.write(&mut out, "parley_sqlite_commit_seconds", &format!("instance=\"{instance}\""));
         let _ = writeln!(out, "# HELP parley_plugin_call_seconds Latency of one call into a plugin, per slot.\n# TYPE parley_plugin_call_seconds histogram");
         for (slot, h) in crate::plugins::Slot::ALL.iter().zip(&self.plugin_calls) {
             h.write(&mut out, "parley_plugin_call_seconds", &format!("instance=\"{instance}\",slot=\"{}\"", slot.name()));

@@ -336,6 +336,7 @@ async fn metrics_show_what_operators_watch() {
     };
     assert!(count(&owner, &format!("parley_plugin_call_seconds_count{{instance=\"{a}\",slot=\"intermediate\"}}")) >= 3, "{owner}");
     assert!(count(&owner, &format!("parley_save_batch_seconds_count{{instance=\"{a}\"}}")) >= 3, "{owner}");
+    assert!(count(&owner, &format!("parley_sqlite_commit_seconds_count{{instance=\"{a}\"}}")) >= 3, "{owner}");
     assert!(count(&owner, &format!("parley_lease_renewals_total{{instance=\"{a}\"}}")) >= 2, "{owner}");
 }
 

@@ -152,6 +152,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let kpi_before = kpi(&target).await;
     let acks_before = server_histogram(&target, "parley_message_ack_seconds").await;
     let saves_before = server_histogram(&target, "parley_save_batch_seconds").await;
+    let commits_before = server_histogram(&target, "parley_sqlite_commit_seconds").await;
     let deadline = Instant::now() + Duration::from_secs(o.seconds);
     let host = HostProbe::start(own_server.as_ref().map(|(_, dir): &(_, PathBuf)| dir.clone()));
     let started = Instant::now();
@@ -224,6 +225,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let kpi_after = kpi(&target).await;
     let acks_after = server_histogram(&target, "parley_message_ack_seconds").await;
     let saves_after = server_histogram(&target, "parley_save_batch_seconds").await;
+    let commits_after = server_histogram(&target, "parley_sqlite_commit_seconds").await;
     drop(connections);
     if let Some(path) = &o.timeline {
         let worst = write_timeline(path, &mut all).with_context(|| format!("writing {}", path.display()))?;
@@ -259,12 +261,22 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         );
         // Every message waiting meanwhile waits for a slow commit: a few of them set the p99.
         // `parley bench disk` tells how many the disk alone causes.
-        let slow = |over: f64| {
-            let below = saves_after.iter().zip(&saves_before).filter(|((le, _), _)| *le <= over).map(|((_, a), (_, b))| a.saturating_sub(*b)).max().unwrap_or(0);
-            batches.saturating_sub(below)
+        // How many of a histogram's observations during the run took over each bound.
+        let over = |before: &[(f64, u64)], after: &[(f64, u64)]| -> Option<String> {
+            if before.is_empty() || before.len() != after.len() {
+                return None;
+            }
+            let counts: Vec<(f64, u64)> = after.iter().zip(before).map(|((le, a), (_, b))| (*le, a.saturating_sub(*b))).collect();
+            let total = counts.last().map_or(0, |(_, n)| *n);
+            let slow = |bound: f64| total - counts.iter().filter(|(le, _)| *le <= bound).map(|(_, n)| *n).max().unwrap_or(0);
+            Some(format!("{} / {} / {} / {} / {}", slow(0.005), slow(0.01), slow(0.02), slow(0.05), slow(0.1)))
         };
-        if !saves_before.is_empty() && saves_before.len() == saves_after.len() {
-            println!("  slower than 5 / 10 / 20 / 50 / 100 ms: {} / {} / {} / {} / {} (histogram buckets)", slow(0.005), slow(0.01), slow(0.02), slow(0.05), slow(0.1));
+        if let Some(slow) = over(&saves_before, &saves_after) {
+            println!("  slower than 5 / 10 / 20 / 50 / 100 ms: {slow} (histogram buckets)");
+        }
+        // The disk's share: a COMMIT that took long waited for its WAL write and fsync.
+        if let Some(slow) = over(&commits_before, &commits_after) {
+            println!("  SQLite COMMITs over those: {slow} (the WAL written and fsynced; saves and leases)");
         }
     }
     // Where the CPU went, per acknowledged message: the two cores are shared by the server's

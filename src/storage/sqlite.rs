@@ -18,6 +18,7 @@
 //!   not walk every cached page.
 
 use crate::config::Synchronous;
+use crate::kpi::Histogram;
 use crate::plugins::bindings::sql::{SqlError, Statement, Value};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, ToSql};
@@ -36,6 +37,7 @@ pub struct Database {
     /// Time spent in `transaction` so far, for `parley bench plugins`: what of a store call
     /// is SQLite and what is the plugin around it.
     pub spent: SqlTime,
+    commits: Option<Arc<Histogram>>,
 }
 
 /// Cumulative time in write transactions: running their statements, and committing (with
@@ -55,16 +57,25 @@ pub struct DatabaseFile {
     gate: Arc<WriteGate>,
     /// Whether a checkpoint thread runs for this file.
     checkpointed: bool,
+    /// Where connections opened from now on record how long each COMMIT took.
+    commits: Option<Arc<Histogram>>,
 }
 
 impl DatabaseFile {
     pub fn new(path: PathBuf, synchronous: Synchronous, busy_timeout: Duration) -> Self {
         let gate = Arc::new(WriteGate::for_file(&path, busy_timeout));
-        Self { path, synchronous, busy_timeout, gate, checkpointed: false }
+        Self { path, synchronous, busy_timeout, gate, checkpointed: false, commits: None }
     }
 
     pub fn open(&self) -> Result<Database, rusqlite::Error> {
-        Database::connect(&self.path, self.synchronous, self.busy_timeout, self.checkpointed, self.gate.clone())
+        let mut db = Database::connect(&self.path, self.synchronous, self.busy_timeout, self.checkpointed, self.gate.clone())?;
+        db.commits = self.commits.clone();
+        Ok(db)
+    }
+
+    /// Connections opened by `open` from now on record each COMMIT's duration in `into`.
+    pub fn record_commits(&mut self, into: Arc<Histogram>) {
+        self.commits = Some(into);
     }
 
     /// Leaves WAL checkpoints to a thread of their own: connections opened by `open` from now
@@ -243,7 +254,7 @@ impl Database {
 
     fn connect(path: &Path, synchronous: Synchronous, busy_timeout: Duration, checkpointed: bool, gate: Arc<WriteGate>) -> Result<Self, rusqlite::Error> {
         let conn = plugin_connection(path, synchronous, busy_timeout, checkpointed)?;
-        Ok(Self { conn, gate, path: path.to_path_buf(), synchronous, busy_timeout, checkpointed, spent: SqlTime::default() })
+        Ok(Self { conn, gate, path: path.to_path_buf(), synchronous, busy_timeout, checkpointed, spent: SqlTime::default(), commits: None })
     }
 
     pub fn transaction(&mut self, statements: &[Statement]) -> Result<Vec<Vec<u64>>, SqlError> {
@@ -270,7 +281,11 @@ impl Database {
         let committing = Instant::now();
         self.spent.statements += committing - started;
         tx.commit().map_err(sql_error)?;
-        self.spent.commit += committing.elapsed();
+        let committed = committing.elapsed();
+        self.spent.commit += committed;
+        if let Some(commits) = &self.commits {
+            commits.record(committed);
+        }
         Ok(changed)
     }
 
