@@ -37,6 +37,7 @@ pub struct Database {
     /// Time spent in `transaction` so far, for `parley bench plugins`: what of a store call
     /// is SQLite and what is the plugin around it.
     pub spent: SqlTime,
+    /// Where each COMMIT's duration goes (the instance's `parley_sqlite_commit_seconds`).
     commits: Option<Arc<Histogram>>,
 }
 
@@ -68,9 +69,7 @@ impl DatabaseFile {
     }
 
     pub fn open(&self) -> Result<Database, rusqlite::Error> {
-        let mut db = Database::connect(&self.path, self.synchronous, self.busy_timeout, self.checkpointed, self.gate.clone())?;
-        db.commits = self.commits.clone();
-        Ok(db)
+        Database::connect(&self.path, self.synchronous, self.busy_timeout, self.checkpointed, self.gate.clone(), self.commits.clone())
     }
 
     /// Connections opened by `open` from now on record each COMMIT's duration in `into`.
@@ -249,12 +248,19 @@ impl Drop for Turn<'_> {
 impl Database {
     /// A connection of its own (its writes take no turns with others of this process).
     pub fn open(path: &Path, synchronous: Synchronous, busy_timeout: Duration) -> Result<Self, rusqlite::Error> {
-        Self::connect(path, synchronous, busy_timeout, false, Default::default())
+        Self::connect(path, synchronous, busy_timeout, false, Default::default(), None)
     }
 
-    fn connect(path: &Path, synchronous: Synchronous, busy_timeout: Duration, checkpointed: bool, gate: Arc<WriteGate>) -> Result<Self, rusqlite::Error> {
+    fn connect(
+        path: &Path,
+        synchronous: Synchronous,
+        busy_timeout: Duration,
+        checkpointed: bool,
+        gate: Arc<WriteGate>,
+        commits: Option<Arc<Histogram>>,
+    ) -> Result<Self, rusqlite::Error> {
         let conn = plugin_connection(path, synchronous, busy_timeout, checkpointed)?;
-        Ok(Self { conn, gate, path: path.to_path_buf(), synchronous, busy_timeout, checkpointed, spent: SqlTime::default(), commits: None })
+        Ok(Self { conn, gate, path: path.to_path_buf(), synchronous, busy_timeout, checkpointed, spent: SqlTime::default(), commits })
     }
 
     pub fn transaction(&mut self, statements: &[Statement]) -> Result<Vec<Vec<u64>>, SqlError> {
