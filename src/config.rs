@@ -215,6 +215,10 @@ pub struct LimitsSection {
     /// (token bucket); over it, 429 `rate_limited` with Retry-After. 0: no limit.
     pub messages_per_second: f64,
     pub message_burst: u32,
+    /// Saved events each chat keeps in memory for readers, the newest; older ones are read
+    /// back from the store, so a long chat's memory stays bounded. 0: all of them. Only with
+    /// `transcript.auto_save` >= 1 (otherwise memory is the only copy, and keeps everything).
+    pub events_in_memory: usize,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -312,6 +316,7 @@ impl Default for LimitsSection {
             max_participants: 8,
             messages_per_second: 50.0,
             message_burst: 200,
+            events_in_memory: 256,
         }
     }
 }

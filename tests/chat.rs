@@ -174,6 +174,91 @@ async fn close_stores_the_final_transcript() {
     assert_eq!(t["events"][3]["text"], "resolved");
 }
 
+/// A long chat keeps only its newest events in memory (`limits.events_in_memory`); readers
+/// who ask for older ones get them from the store, in order and once each: long polls, the
+/// WebSocket replay, the transcript, a resend's seq, and the final transcript at close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_chat_reads_its_older_events_back_from_the_store() {
+    let data = Scratch::new("window");
+    let config = data.deployment("[limits]\nevents_in_memory = 5\nmessages_per_second = 0\n");
+    let server = Server::start(data.path(), Some(&config));
+    let (mut customer, mut agent) = open_chat(&server, "Ann").await;
+    let mut expected: Vec<(u64, String)> = Vec::new();
+    for i in 0..30 {
+        let (who, text) = if i % 3 == 2 { (&mut agent, format!("agent {i}")) } else { (&mut customer, format!("customer {i}")) };
+        let r = who.send(&text, &format!("m{i}")).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        expected.push((r.body["seq"].as_u64().unwrap(), text));
+    }
+    assert_eq!(expected.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), (3..33).collect::<Vec<_>>());
+    assert_eq!(events_in_memory(&server.addr), 5, "the chat holds its 5 newest events");
+
+    for p in [&mut customer, &mut agent] {
+        let t = p.transcript().await;
+        assert_eq!(kinds(&t)[..2], ["joined", "joined"]);
+        assert_eq!(messages(&t), expected, "the whole transcript, once each, in order");
+    }
+    // Long polls from the start and from the middle: the older part comes from the store,
+    // and the answer runs on into the events in memory.
+    let from_start = customer.events(0, 0).await;
+    assert_eq!(from_start["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect::<Vec<_>>(), (1..33).collect::<Vec<_>>());
+    assert_eq!(from_start["next"], 32);
+    let from_middle = agent.events(10, 0).await;
+    assert_eq!(messages(&from_middle), expected[8..].to_vec());
+    // A WebSocket from seq 0 replays all of it, then follows live.
+    let (mut ws, _) = chat_socket(&server.addr, &customer.chat_id, 0, &token_protocols(&customer.token)).await.unwrap();
+    assert_eq!(customer.send("live", "live").await.status, 200);
+    let mut seqs = Vec::new();
+    while seqs.len() < 33 {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+        if let Some(seq) = serde_json::from_str::<Value>(frame.to_text().unwrap()).unwrap()["seq"].as_u64() {
+            seqs.push(seq);
+        }
+    }
+    assert_eq!(seqs, (1..=33).collect::<Vec<_>>());
+    expected.push((33, "live".into()));
+    // A resend of a message long out of memory gets its seq, and nothing is stored twice.
+    let again = customer.send("customer 0", "m0").await;
+    assert_eq!(again.body["seq"], 3, "{:?}", again.body);
+    assert_eq!(messages(&agent.transcript().await), expected);
+
+    // After kill -9 the restored chat holds its newest events again, and the rest reads back.
+    server.kill9();
+    let server = Server::start(data.path(), Some(&config));
+    customer.moved_to(&server);
+    agent.moved_to(&server);
+    assert_eq!(customer.send("customer 1", "m1").await.body["seq"], 4, "a resend after the restore");
+    let next = agent.send("after the restart", "after").await;
+    assert_eq!(next.status, 200);
+    expected.push((next.body["seq"].as_u64().unwrap(), "after the restart".into()));
+    assert_eq!(messages(&customer.transcript().await), expected);
+    assert_eq!(events_in_memory(&server.addr), 5);
+
+    // The final transcript holds every event: after a restart the closed chat reads from it.
+    let r = agent.client.post(&format!("/v1/chats/{}/close", agent.chat_id), Some(&agent.token), json!({"reason": "done"})).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    server.kill9();
+    let server = Server::start(data.path(), Some(&config));
+    customer.moved_to(&server);
+    let t = customer.transcript().await;
+    assert_eq!(t["state"], "closed");
+    assert_eq!(messages(&t), expected);
+    let seqs: Vec<u64> = t["events"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "every event once, in order");
+    assert_eq!(kinds(&t).last().unwrap(), "closed");
+}
+
+/// `parley_transcript_events_in_memory` from the instance's `/metrics`.
+fn events_in_memory(addr: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let line = text.lines().find(|l| l.starts_with("parley_transcript_events_in_memory{")).expect("the gauge is served");
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
 async fn open_chat_without_agent(server: &Server) -> (String, String) {
     let mut c = server.client();
     let created = c.post("/v1/chats", None, json!({"nickname": "Bo", "subject": "waiting"})).await.unwrap().ok().unwrap();

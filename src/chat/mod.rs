@@ -16,7 +16,7 @@ use crate::plugins::bindings::types::ChatState;
 use crate::plugins::slots::{NoticeSink, NoticeSlot, PolicySlot, StorageError, StoreSlot};
 pub use event::{Event, Kind};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tracing::info;
@@ -129,7 +129,9 @@ pub struct ChatShared {
     pub id: Arc<str>,
     /// `Meta::opening`, fixed at the create: a keyed create that finds this chat must carry the same.
     opened_with: TokenHash,
-    transcript: RwLock<Vec<Arc<Event>>>,
+    transcript: RwLock<Window>,
+    /// Where the events older than the window are read back; None: nothing leaves the window.
+    older: Option<OlderEvents>,
     roster: RwLock<Roster>,
     /// The last seq in `transcript`; readers wait on it.
     committed: watch::Sender<u64>,
@@ -140,13 +142,47 @@ pub struct ChatShared {
     moved: watch::Sender<bool>,
 }
 
+/// The newest events of a chat's transcript: at most `limits.events_in_memory` of them once
+/// they are saved, so a chat's memory does not grow with its length. seq is dense from 1, so
+/// the event with seq n sits at index n - `first`.
+struct Window {
+    first: u64,
+    events: VecDeque<Arc<Event>>,
+    keep: usize,
+}
+
+impl Window {
+    fn push(&mut self, events: impl IntoIterator<Item = Arc<Event>>) {
+        self.events.extend(events);
+        while self.events.len() > self.keep {
+            self.events.pop_front();
+            self.first += 1;
+        }
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.first + self.events.len() as u64 - 1
+    }
+}
+
+/// The stores that hold a chat's saved events: the intermediate one while the chat lives, the
+/// final one once it is closed and its intermediate transcript purged.
+struct OlderEvents {
+    intermediate: StoreSlot,
+    final_store: StoreSlot,
+}
+
 impl ChatShared {
-    fn new(id: Arc<str>, opened_with: TokenHash, roster: Roster, transcript: Vec<Arc<Event>>) -> Arc<Self> {
+    fn new(id: Arc<str>, opened_with: TokenHash, roster: Roster, transcript: Vec<Arc<Event>>, older: Option<(StoreSlot, StoreSlot, usize)>) -> Arc<Self> {
         let last = transcript.last().map_or(0, |e| e.seq);
+        let keep = older.as_ref().map_or(usize::MAX, |o| o.2);
+        let mut window = Window { first: transcript.first().map_or(1, |e| e.seq), events: VecDeque::new(), keep };
+        window.push(transcript);
         Arc::new(Self {
             id,
             opened_with,
-            transcript: RwLock::new(transcript),
+            transcript: RwLock::new(window),
+            older: older.map(|(intermediate, final_store, _)| OlderEvents { intermediate, final_store }),
             roster: RwLock::new(roster),
             committed: watch::Sender::new(last),
             live: broadcast::Sender::new(256),
@@ -169,23 +205,44 @@ impl ChatShared {
         self.roster.read().unwrap().state
     }
 
-    /// Up to `limit` transcript events after `after` that `role` may see.
-    pub fn events_after(&self, after: u64, limit: usize, role: Role) -> Vec<Arc<Event>> {
-        let transcript = self.transcript.read().unwrap();
-        // seq is dense from 1, so the event with seq n sits at index n-1.
-        let start = (after as usize).min(transcript.len());
-        transcript[start..].iter().filter(|e| e.visible_to(role)).take(limit).cloned().collect()
+    /// Up to `limit` transcript events after `after` that `role` may see (all of them: None),
+    /// from memory, or from the store when they are older than the window.
+    pub async fn events_after(&self, after: u64, limit: usize, role: Option<Role>) -> Result<Vec<Arc<Event>>, ChatError> {
+        let visible = |e: &Arc<Event>| role.is_none_or(|r| e.visible_to(r));
+        let (first, recent) = {
+            let window = self.transcript.read().unwrap();
+            if after + 1 >= window.first {
+                let start = ((after + 1 - window.first) as usize).min(window.events.len());
+                return Ok(window.events.range(start..).filter(|e| visible(e)).take(limit).cloned().collect());
+            }
+            (window.first, window.events.iter().take(limit).cloned().collect::<Vec<_>>())
+        };
+        let older = self.older.as_ref().expect("events leave the window only when a store holds them");
+        let stored = match older.intermediate.load(&self.id).await.map_err(storage)? {
+            Some(t) => t,
+            // Closed, and its intermediate transcript purged: the final one has every event.
+            None => older.final_store.load(&self.id).await.map_err(storage)?.ok_or_else(|| ChatError::Storage(format!("the stored transcript of chat {} is gone", self.id)))?,
+        };
+        let stored = stored.events.into_iter().filter(|e| e.seq > after && e.seq < first).map(Event::from_wit);
+        Ok(stored.chain(recent).filter(|e| visible(e)).take(limit).collect())
     }
 
-    /// Whether the transcript event with this seq passes `test`.
-    fn event_is(&self, seq: u64, test: impl Fn(&Event) -> bool) -> bool {
-        let transcript = self.transcript.read().unwrap();
-        seq.checked_sub(1).and_then(|i| transcript.get(i as usize)).is_some_and(|e| test(e))
+    /// Whether the transcript event with this seq passes `test`; None when it is older than
+    /// the window.
+    fn event_is(&self, seq: u64, test: impl Fn(&Event) -> bool) -> Option<bool> {
+        let window = self.transcript.read().unwrap();
+        let i = seq.checked_sub(window.first)?;
+        window.events.get(i as usize).map(|e| test(e))
     }
 
-    /// The seq of the first transcript event that passes `test`.
+    /// The seq of the first event in the window that passes `test`.
     fn find_event(&self, test: impl Fn(&Event) -> bool) -> Option<u64> {
-        self.transcript.read().unwrap().iter().find(|e| test(e)).map(|e| e.seq)
+        self.transcript.read().unwrap().events.iter().find(|e| test(e)).map(|e| e.seq)
+    }
+
+    /// The newest event of this kind in the window.
+    fn last_of(&self, kind: Kind) -> Option<Arc<Event>> {
+        self.transcript.read().unwrap().events.iter().rev().find(|e| e.kind == kind).cloned()
     }
 
     pub fn last_seq(&self) -> u64 {
@@ -214,19 +271,15 @@ impl ChatShared {
     }
 
     fn publish(&self, events: impl IntoIterator<Item = Arc<Event>>) {
-        let mut transcript = self.transcript.write().unwrap();
-        transcript.extend(events);
-        let last = transcript.last().map_or(0, |e| e.seq);
-        drop(transcript);
+        let mut window = self.transcript.write().unwrap();
+        window.push(events);
+        let last = window.last_seq();
+        drop(window);
         self.committed.send_replace(last);
     }
 
     fn set_roster(&self, roster: Roster) {
         *self.roster.write().unwrap() = roster;
-    }
-
-    fn full_transcript(&self) -> Vec<Arc<Event>> {
-        self.transcript.read().unwrap().clone()
     }
 }
 
@@ -342,6 +395,8 @@ pub struct Deps {
     pub max_participants: usize,
     /// Per participant: (messages per second, burst); None: no limit.
     pub message_rate: Option<(f64, f64)>,
+    /// Saved events a chat keeps in memory; None: all (no store to read older ones back from).
+    pub events_in_memory: Option<usize>,
 }
 
 impl Deps {
@@ -363,6 +418,7 @@ impl Deps {
             max_participants: deployment.limits.max_participants,
             message_rate: (deployment.limits.messages_per_second > 0.0).then_some((deployment.limits.messages_per_second, deployment.limits.message_burst as f64)),
             linger: Duration::from_millis(deployment.limits.closed_chat_linger_ms),
+            events_in_memory: (deployment.transcript.auto_save > 0 && deployment.limits.events_in_memory > 0).then_some(deployment.limits.events_in_memory),
         }
     }
 }
@@ -647,6 +703,12 @@ impl Chats {
         // The rest went to other instances; a later lapse's entries stay for its own take-back.
         self.dropped.lock().unwrap().1.retain(|_, lapse| *lapse != dropped.lapse);
         info!(event_id = "chats.taken_back", dropped = dropped.chat_ids.len(), restored_here = here, "restored the chats this instance dropped when its lease lapsed");
+    }
+
+    /// Transcript events the chats on this instance hold in memory (counted when asked: a
+    /// shared counter would be one more contended write per message).
+    pub fn events_in_memory(&self) -> usize {
+        self.map.read().unwrap().values().map(|h| h.shared.transcript.read().unwrap().events.len()).sum()
     }
 
     /// Chats on this instance still waiting for an agent, oldest first.

@@ -5,10 +5,11 @@
 //! together: with a plain map of the strings, the indexes of 1,000 chats doubled within the
 //! same few milliseconds (at 448 and 896 messages), each copying and rehashing its strings
 //! into fresh memory, and ack latencies jumped by 200-300 ms for half a second. So:
-//! - an entry is a 64-bit keyed hash of the pair and its seq, 16 bytes: no string is copied
-//!   per message, and a resize moves integers. The caller confirms a hit against the event
-//!   itself; once two pairs of a chat have shared a key (about 2^-64 per pair of messages),
-//!   its misses are not trusted either, and the caller looks the pair up in the events;
+//! - an entry is a 64-bit keyed hash of the pair, its seq, and a second, independent keyed hash
+//!   of the pair: 24 bytes, no string copied per message, and a resize moves integers. A hit
+//!   needs both hashes to match (about 2^-128 per pair of messages for another pair to pass),
+//!   and is confirmed against the event itself while the event is in memory. Pairs whose key
+//!   another pair of the chat took first (about 2^-64 per pair) wait in a list of their own;
 //! - each chat's index doubles at a load of its own, between 1/2 and 1, so chats of the same
 //!   age resize over the time it takes them to double, not all at once.
 
@@ -19,8 +20,11 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 pub(super) struct SentIds {
     /// Random per chat task: nobody can choose ids that collide.
     keys: RandomState,
-    seqs: HashMap<u64, u64, BuildHasherDefault<Prehashed>>,
-    collided: bool,
+    checks: RandomState,
+    /// key -> (seq, check).
+    seqs: HashMap<u64, (u64, u64), BuildHasherDefault<Prehashed>>,
+    /// (key, check, seq) of the pairs whose key was taken.
+    collided: Vec<(u64, u64, u64)>,
     /// This chat's load at which `seqs` doubles, as a share of its capacity, and the length
     /// that is for the present capacity.
     grow_share: f64,
@@ -33,20 +37,24 @@ impl Default for SentIds {
     fn default() -> Self {
         let keys = RandomState::new();
         let grow_share = 0.5 + (keys.hash_one(0u8) >> 11) as f64 / (1u64 << 54) as f64;
-        Self { keys, seqs: HashMap::default(), collided: false, grow_share, grow_at: 0, key_mask: u64::MAX }
+        Self { keys, checks: RandomState::new(), seqs: HashMap::default(), collided: Vec::new(), grow_share, grow_at: 0, key_mask: u64::MAX }
     }
 }
 
 impl SentIds {
     /// The seq `member` got for `id`, if it was sent. `is_pair(seq)`: whether the event with
-    /// that seq is this pair's; `find()`: the pair's seq, looked up in all the events.
-    pub fn seq(&self, member: &str, id: &str, is_pair: impl Fn(u64) -> bool, find: impl FnOnce() -> Option<u64>) -> Option<u64> {
-        match self.seqs.get(&self.key(member, id)) {
-            Some(&seq) if is_pair(seq) => Some(seq),
-            // Another pair has its key.
-            Some(_) => find(),
-            None if self.collided => find(),
-            None => None,
+    /// that seq is this pair's, None when it is no longer in memory; `find()`: the pair's seq,
+    /// looked up in the events in memory.
+    pub fn seq(&self, member: &str, id: &str, is_pair: impl Fn(u64) -> Option<bool>, find: impl FnOnce() -> Option<u64>) -> Option<u64> {
+        let (key, check) = self.hashes(member, id);
+        let hit = match self.seqs.get(&key) {
+            Some(&(seq, c)) if c == check => Some(seq),
+            _ => self.collided.iter().find(|&&(k, c, _)| k == key && c == check).map(|&(_, _, seq)| seq),
+        }?;
+        match is_pair(hit) {
+            Some(true) | None => Some(hit),
+            // Another pair with both hashes of this one.
+            Some(false) => find(),
         }
     }
 
@@ -57,22 +65,24 @@ impl SentIds {
             self.seqs.reserve(self.seqs.capacity() + 1 - self.seqs.len());
             self.grow_at = (self.seqs.capacity() as f64 * self.grow_share) as usize;
         }
-        match self.seqs.entry(self.key(member, id)) {
-            Entry::Vacant(v) => drop(v.insert(seq)),
-            Entry::Occupied(_) => self.collided = true,
+        let (key, check) = self.hashes(member, id);
+        match self.seqs.entry(key) {
+            Entry::Vacant(v) => drop(v.insert((seq, check))),
+            Entry::Occupied(_) => self.collided.push((key, check, seq)),
         }
     }
 
     /// `seq` was never saved: its number will be reused.
     pub fn remove(&mut self, member: &str, id: &str, seq: u64) {
-        let key = self.key(member, id);
-        if self.seqs.get(&key) == Some(&seq) {
+        let (key, check) = self.hashes(member, id);
+        if self.seqs.get(&key) == Some(&(seq, check)) {
             self.seqs.remove(&key);
         }
+        self.collided.retain(|&entry| entry != (key, check, seq));
     }
 
-    fn key(&self, member: &str, id: &str) -> u64 {
-        self.keys.hash_one((member, id)) & self.key_mask
+    fn hashes(&self, member: &str, id: &str) -> (u64, u64) {
+        (self.keys.hash_one((member, id)) & self.key_mask, self.checks.hash_one((member, id)))
     }
 }
 
@@ -113,21 +123,29 @@ mod tests {
     }
 
     fn lookup(sent: &SentIds, events: &[(String, String)], member: &str, id: &str) -> Option<u64> {
-        let is = |seq: u64| events.get(seq as usize - 1).is_some_and(|(m, i)| m == member && i == id);
+        let is = |seq: u64| Some(events.get(seq as usize - 1).is_some_and(|(m, i)| m == member && i == id));
         let find = || events.iter().position(|(m, i)| m == member && i == id).map(|i| i as u64 + 1);
         sent.seq(member, id, is, find)
+    }
+
+    /// As a chat sees it once the events have left memory: nothing to confirm a hit against.
+    fn lookup_forgotten(sent: &SentIds, member: &str, id: &str) -> Option<u64> {
+        sent.seq(member, id, |_| None, || None)
     }
 
     #[test]
     fn every_sent_pair_finds_its_own_seq_and_no_other() {
         for key_bits in [64, 3] {
             let (sent, events) = chat(5_000, key_bits.min(63));
-            assert_eq!(sent.collided, key_bits == 3);
+            assert_eq!(!sent.collided.is_empty(), key_bits == 3);
             for (i, (member, id)) in events.iter().enumerate() {
                 assert_eq!(lookup(&sent, &events, member, id), Some(i as u64 + 1), "{member} {id}, {key_bits}-bit keys");
+                assert_eq!(lookup_forgotten(&sent, member, id), Some(i as u64 + 1), "{member} {id}, {key_bits}-bit keys, not in memory");
             }
-            assert_eq!(lookup(&sent, &events, "p0", "m5000"), None);
-            assert_eq!(lookup(&sent, &events, "p2", "m0"), None);
+            for (member, id) in [("p0", "m5000"), ("p2", "m0"), ("p1", "m2500")] {
+                assert_eq!(lookup(&sent, &events, member, id), None);
+                assert_eq!(lookup_forgotten(&sent, member, id), None);
+            }
         }
     }
 

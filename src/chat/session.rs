@@ -135,7 +135,8 @@ impl Session {
             }
         }
         let placeholder = Roster { state, subject: String::new(), customer_nickname: "".into(), created_ms: 0, members: Vec::new() };
-        let shared = ChatShared::new(id, meta.opening(), placeholder, events);
+        let older = deps.events_in_memory.map(|keep| (deps.intermediate.clone(), deps.final_store.clone(), keep));
+        let shared = ChatShared::new(id, meta.opening(), placeholder, events, older);
         let s = Session {
             deps,
             map,
@@ -360,10 +361,11 @@ impl Session {
         self.sent.seq(member, id, |seq| self.event_is(seq, sent_as), find)
     }
 
-    /// Whether the event with this seq, saved or pending, passes `test`.
-    fn event_is(&self, seq: u64, test: impl Fn(&Event) -> bool) -> bool {
+    /// Whether the event with this seq, saved or pending, passes `test`; None when it is no
+    /// longer in memory.
+    fn event_is(&self, seq: u64, test: impl Fn(&Event) -> bool) -> Option<bool> {
         match self.unsaved.first().map(|p| p.event.seq) {
-            Some(first) if seq >= first => self.unsaved.get((seq - first) as usize).is_some_and(|p| test(&p.event)),
+            Some(first) if seq >= first => Some(self.unsaved.get((seq - first) as usize).is_some_and(|p| test(&p.event))),
             _ => self.shared.event_is(seq, test),
         }
     }
@@ -615,23 +617,31 @@ impl Session {
 
     /// Stores the final transcript, then drops the intermediate one.
     async fn finish_close(&mut self) {
-        let transcript = Transcript {
+        let mut transcript = Transcript {
             chat_id: self.shared.id.to_string(),
             epoch: self.epoch,
             state: ChatState::Closed,
             meta: serde_json::to_string(&self.meta).expect("meta serializes"),
-            events: self.shared.full_transcript().iter().map(|e| e.to_wit()).collect(),
+            events: Vec::new(),
         };
         let mut result = Err(ChatError::Closed);
         for attempt in 1..=3 {
-            match self.deps.final_store.save_final(transcript.clone()).await {
+            // The events older than the window are read back from the intermediate store.
+            let saved = match self.shared.events_after(0, usize::MAX, None).await {
+                Ok(events) => {
+                    transcript.events = events.iter().map(|e| e.to_wit()).collect();
+                    self.deps.final_store.save_final(transcript.clone()).await.map_err(|e| e.message)
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match saved {
                 Ok(()) => {
                     result = Ok(self.shared.last_seq());
                     break;
                 }
                 Err(e) => {
                     error!(event_id = "chat.final_save_failed", chat_id = %self.shared.id, attempt, cause = %e, "saving the final transcript failed");
-                    result = Err(ChatError::NotSaved(e.message));
+                    result = Err(ChatError::NotSaved(e));
                     tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
                 }
             }
@@ -644,7 +654,7 @@ impl Session {
             warn!(event_id = "chat.purge_failed", chat_id = %self.shared.id, cause = %e, "the intermediate transcript stays until its TTL");
         }
         self.count_end(true);
-        let reason = self.shared.full_transcript().iter().rev().find(|e| e.kind == Kind::Closed).map(|e| e.text.clone()).unwrap_or_default();
+        let reason = self.shared.last_of(Kind::Closed).map(|e| e.text.clone()).unwrap_or_default();
         self.raise(NoticeKind::ChatClosed, None, reason);
         info!(event_id = "chat.deleted", chat_id = %self.shared.id, sessions_current = self.deps.kpi.sessions_current.load(std::sync::atomic::Ordering::Relaxed), "chat closed");
         for closer in self.closing.drain(..) {

@@ -113,7 +113,17 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Reply {
         (&Method::GET, ["openapi.json"]) => Ok(respond(StatusCode::OK, "application/json", OPENAPI)),
         (&Method::GET, ["v1", "kpi"]) => json(StatusCode::OK, app.kpi.to_json()),
         (&Method::GET, ["v1", "cluster"]) => cluster(app, &req),
-        (&Method::GET, ["metrics"]) => Ok(respond(StatusCode::OK, "text/plain; version=0.0.4", app.kpi.to_prometheus(&app.instance_id))),
+        (&Method::GET, ["metrics"]) => {
+            use std::fmt::Write;
+            let mut metrics = app.kpi.to_prometheus(&app.instance_id);
+            let _ = write!(
+                metrics,
+                "# HELP parley_transcript_events_in_memory Saved transcript events the chats hold in memory for readers (limits.events_in_memory each).\n# TYPE parley_transcript_events_in_memory gauge\nparley_transcript_events_in_memory{{instance=\"{}\"}} {}\n",
+                app.instance_id,
+                app.chats.events_in_memory()
+            );
+            Ok(respond(StatusCode::OK, "text/plain; version=0.0.4", metrics))
+        }
         (&Method::POST, ["admin", "drain"]) => set_draining(app, &req, true),
         (&Method::POST, ["admin", "undrain"]) => set_draining(app, &req, false),
         (&Method::POST, ["admin", "reload"]) => Box::pin(reload(app, &req)).await,
@@ -214,7 +224,7 @@ async fn serve(app: &Arc<App>, chat: ChatHandle, requester: &Requester, action: 
         "typing" => typing(&chat, &member, &req),
         "events" => Box::pin(events(&chat, &member, &req)).await,
         "ws" => ws::upgrade(chat, member, req),
-        "transcript" => transcript(&chat, &member),
+        "transcript" => Box::pin(transcript(&chat, &member)).await,
         "leave" => Box::pin(leave(&chat, &member)).await,
         "close" => Box::pin(close(app, &chat, &member, &req)).await,
         _ => Err(not_found(req.uri().path())),
@@ -396,7 +406,7 @@ async fn events(chat: &ChatHandle, member: &Member, req: &Req) -> Reply {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     let events: Vec<Arc<Event>> = loop {
         committed.borrow_and_update();
-        let found = shared.events_after(after, MAX_EVENTS_PER_POLL, member.role);
+        let found = shared.events_after(after, MAX_EVENTS_PER_POLL, Some(member.role)).await?;
         if !found.is_empty() || shared.state() == crate::plugins::bindings::types::ChatState::Closed {
             break found;
         }
@@ -429,9 +439,9 @@ async fn events(chat: &ChatHandle, member: &Member, req: &Req) -> Reply {
     Ok(respond(StatusCode::OK, "application/json", body))
 }
 
-fn transcript(chat: &ChatHandle, member: &Member) -> Reply {
+async fn transcript(chat: &ChatHandle, member: &Member) -> Reply {
     let state = chat.shared.state();
-    let events = chat.shared.events_after(0, usize::MAX, member.role);
+    let events = chat.shared.events_after(0, usize::MAX, Some(member.role)).await?;
     let mut body = format!("{{\"chat_id\":\"{}\",\"state\":\"{}\",\"events\":[", chat.shared.id, state_name(state));
     for (i, e) in events.iter().enumerate() {
         if i > 0 {

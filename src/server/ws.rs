@@ -66,7 +66,13 @@ pub fn upgrade(chat: ChatHandle, member: Member, req: Req) -> Result<Response<Bo
         let mut last = after;
         loop {
             committed.borrow_and_update();
-            for e in shared.events_after(last, 1000, member.role) {
+            let Ok(events) = shared.events_after(last, 1000, Some(member.role)).await else {
+                // The store holding the older events did not answer: the client reconnects after `last`.
+                let frame = CloseFrame { code: CloseCode::Again, reason: "storage unavailable; reconnect".into() };
+                let _ = sink.send(Message::Close(Some(frame))).await;
+                return;
+            };
+            for e in events {
                 last = e.seq;
                 if sink.send(Message::text(&*e.json)).await.is_err() {
                     return;
