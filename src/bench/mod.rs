@@ -148,6 +148,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let server_pid = own_server.as_ref().and_then(|(child, _)| child.id());
     let cpu_before = server_pid.map(CpuTime::of_threads);
     let written_before = server_pid.map(written_bytes);
+    let memory_before = server_pid.and_then(Memory::of);
     let bench_before = CpuTime::of_threads(std::process::id());
     let kpi_before = kpi(&target).await;
     let acks_before = server_histogram(&target, "parley_message_ack_seconds").await;
@@ -220,6 +221,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         (after.since(&before), after.waited_since(&before))
     });
     let written = server_pid.zip(written_before).map(|(pid, before)| written_bytes(pid).saturating_sub(before));
+    let memory = server_pid.and_then(Memory::of).zip(memory_before);
     let bench_after = CpuTime::of_threads(std::process::id());
     let (bench_cpu, bench_waited) = (bench_after.since(&bench_before), bench_after.waited_since(&bench_before));
     let kpi_after = kpi(&target).await;
@@ -296,6 +298,16 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     println!("load generator CPU:    {:.0} µs/message{generator_waited}", per_message(bench_cpu.iter().map(|(_, s)| s).sum()));
     if let Some(bytes) = written {
         println!("server disk writes:    {:.1} KB/message", bytes as f64 / 1000.0 / all.len().max(1) as f64);
+    }
+    // Memory the server took while measured: on a VM, a page touched for the first time can
+    // cost the host's fault as well as the guest's.
+    if let Some((after, before)) = memory {
+        println!(
+            "server memory:         {} MB resident, {:+} MB over the run; {:.0} page faults/s",
+            after.resident >> 20,
+            (after.resident as i64 - before.resident as i64) >> 20,
+            after.faults.saturating_sub(before.faults) as f64 / elapsed
+        );
     }
     // Not the load: the machine stopped as a whole. Every ack in flight then waits, and the
     // backlog takes the spare quarter of the cores a while to pay off.
@@ -532,6 +544,24 @@ fn write_timeline(path: &std::path::Path, samples: &mut [Sample]) -> std::io::Re
     }
     out.flush()?;
     Ok(worst)
+}
+
+/// A process's resident memory (bytes) and its page faults so far (minor and major).
+struct Memory {
+    resident: u64,
+    faults: u64,
+}
+
+impl Memory {
+    fn of(pid: u32) -> Option<Memory> {
+        let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+        let resident: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        // After the command's closing parenthesis: state is field 3, minflt 10, majflt 12.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let (minor, major): (u64, u64) = (fields.get(7)?.parse().ok()?, fields.get(9)?.parse().ok()?);
+        Some(Memory { resident: resident * 4096, faults: minor + major })
+    }
 }
 
 /// Bytes a process caused to be written to storage so far (`write_bytes` of `/proc/<pid>/io`:
