@@ -250,11 +250,7 @@ async fn a_long_chat_reads_its_older_events_back_from_the_store() {
 
 /// `parley_transcript_events_in_memory` from the instance's `/metrics`.
 fn events_in_memory(addr: &str) -> u64 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
+    let text = scrape_metrics(addr);
     let line = text.lines().find(|l| l.starts_with("parley_transcript_events_in_memory{")).expect("the gauge is served");
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }

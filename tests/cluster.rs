@@ -304,7 +304,6 @@ async fn a_rolling_upgrade_under_load_loses_nothing() {
 /// restores, lease renewals, proxied requests and storage availability.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_what_operators_watch() {
-    use std::io::{Read, Write};
     let data = Scratch::new("metrics");
     let servers = cluster_of(2, &data, None);
     let (mut customer, _agent) = open_chat(&servers[0], "Ann").await;
@@ -313,14 +312,7 @@ async fn metrics_show_what_operators_watch() {
         assert_eq!(customer.send(&format!("m{i}"), &format!("m{i}")).await.status, 200);
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let scrape = |addr: &str| {
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        text
-    };
-    let (owner, other) = (scrape(&servers[0].addr), scrape(&servers[1].addr));
+    let (owner, other) = (scrape_metrics(&servers[0].addr), scrape_metrics(&servers[1].addr));
     let (a, b) = (&servers[0].id, &servers[1].id);
     for line in [
         format!("parley_messages_saved_total{{instance=\"{a}\"}} 3"),

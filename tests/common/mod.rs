@@ -162,6 +162,16 @@ impl Drop for Server {
     }
 }
 
+/// An instance's `GET /metrics`, the Prometheus text as a scraper reads it.
+pub fn scrape_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
 /// A loopback address nothing listens on yet, for an instance started later.
 pub fn spare_address() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
