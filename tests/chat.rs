@@ -205,6 +205,8 @@ async fn a_long_chat_reads_its_older_events_back_from_the_store() {
     assert_eq!(from_start["next"], 32);
     let from_middle = agent.events(10, 0).await;
     assert_eq!(messages(&from_middle), expected[8..].to_vec());
+    let beyond = agent.events(u64::MAX, 0).await;
+    assert_eq!(beyond["events"], json!([]), "nothing after the largest seq a client can name");
     // A WebSocket from seq 0 replays all of it, then follows live.
     let (mut ws, _) = chat_socket(&server.addr, &customer.chat_id, 0, &token_protocols(&customer.token)).await.unwrap();
     assert_eq!(customer.send("live", "live").await.status, 200);

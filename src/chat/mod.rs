@@ -165,24 +165,34 @@ impl Window {
     }
 }
 
-/// The stores that hold a chat's saved events: the intermediate one while the chat lives, the
-/// final one once it is closed and its intermediate transcript purged.
+/// How many saved events a chat keeps in memory, and the stores that hold the older ones: the
+/// intermediate one while the chat lives, the final one once it is closed and its intermediate
+/// transcript purged.
 struct OlderEvents {
+    keep: usize,
     intermediate: StoreSlot,
     final_store: StoreSlot,
 }
 
+impl OlderEvents {
+    /// None where memory keeps every event (no intermediate saves, or no limit set).
+    fn of(deps: &Deps) -> Option<Self> {
+        let keep = deps.events_in_memory?;
+        Some(Self { keep, intermediate: deps.intermediate.clone(), final_store: deps.final_store.clone() })
+    }
+}
+
 impl ChatShared {
-    fn new(id: Arc<str>, opened_with: TokenHash, roster: Roster, transcript: Vec<Arc<Event>>, older: Option<(StoreSlot, StoreSlot, usize)>) -> Arc<Self> {
+    fn new(id: Arc<str>, opened_with: TokenHash, roster: Roster, transcript: Vec<Arc<Event>>, older: Option<OlderEvents>) -> Arc<Self> {
         let last = transcript.last().map_or(0, |e| e.seq);
-        let keep = older.as_ref().map_or(usize::MAX, |o| o.2);
+        let keep = older.as_ref().map_or(usize::MAX, |o| o.keep);
         let mut window = Window { first: transcript.first().map_or(1, |e| e.seq), events: VecDeque::new(), keep };
         window.push(transcript);
         Arc::new(Self {
             id,
             opened_with,
             transcript: RwLock::new(window),
-            older: older.map(|(intermediate, final_store, _)| OlderEvents { intermediate, final_store }),
+            older,
             roster: RwLock::new(roster),
             committed: watch::Sender::new(last),
             live: broadcast::Sender::new(256),
@@ -211,8 +221,9 @@ impl ChatShared {
         let visible = |e: &Arc<Event>| role.is_none_or(|r| e.visible_to(r));
         let (first, recent) = {
             let window = self.transcript.read().unwrap();
-            if after + 1 >= window.first {
-                let start = ((after + 1 - window.first) as usize).min(window.events.len());
+            // `first` is at least 1; `after` comes from the client and may be any u64.
+            if after >= window.first - 1 {
+                let start = (after - (window.first - 1)).min(window.events.len() as u64) as usize;
                 return Ok(window.events.range(start..).filter(|e| visible(e)).take(limit).cloned().collect());
             }
             (window.first, window.events.iter().take(limit).cloned().collect::<Vec<_>>())

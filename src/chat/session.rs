@@ -5,7 +5,7 @@
 
 use super::event::now_ms;
 use super::sent::SentIds;
-use super::{ChatError, ChatHandle, ChatMap, ChatShared, Command, Deps, Event, Joined, Kind, Member, Meta, Participant, Role, Roster};
+use super::{ChatError, ChatHandle, ChatMap, ChatShared, Command, Deps, Event, Joined, Kind, Member, Meta, OlderEvents, Participant, Role, Roster};
 use crate::auth;
 use crate::kpi::Opened;
 use crate::plugins::bindings::notices::{Notice, NoticeKind};
@@ -135,8 +135,7 @@ impl Session {
             }
         }
         let placeholder = Roster { state, subject: String::new(), customer_nickname: "".into(), created_ms: 0, members: Vec::new() };
-        let older = deps.events_in_memory.map(|keep| (deps.intermediate.clone(), deps.final_store.clone(), keep));
-        let shared = ChatShared::new(id, meta.opening(), placeholder, events, older);
+        let shared = ChatShared::new(id, meta.opening(), placeholder, events, OlderEvents::of(&deps));
         let s = Session {
             deps,
             map,
