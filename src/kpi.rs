@@ -173,7 +173,8 @@ impl Kpi {
         })
     }
 
-    pub fn to_prometheus(&self, instance: &str) -> String {
+    /// `events_in_memory`: the chats' count, made when scraped (`Chats::events_in_memory`).
+    pub fn to_prometheus(&self, instance: &str, events_in_memory: usize) -> String {
         use std::fmt::Write;
         let mut out = String::new();
         let counters = [
@@ -193,16 +194,14 @@ impl Kpi {
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{instance=\"{instance}\"}} {value}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP parley_sessions_current Open chats owned by this instance.\n# TYPE parley_sessions_current gauge\nparley_sessions_current{{instance=\"{instance}\"}} {}",
-            self.sessions_current.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP parley_storage_available 1 while the transcript store answers, 0 after it reported itself unavailable.\n# TYPE parley_storage_available gauge\nparley_storage_available{{instance=\"{instance}\"}} {}",
-            u8::from(self.storage_available())
-        );
+        let gauges = [
+            ("parley_sessions_current", "Open chats owned by this instance.", self.sessions_current.load(Relaxed)),
+            ("parley_storage_available", "1 while the transcript store answers, 0 after it reported itself unavailable.", i64::from(self.storage_available())),
+            ("parley_transcript_events_in_memory", "Saved transcript events the chats hold in memory for readers (limits.events_in_memory each).", events_in_memory as i64),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{instance=\"{instance}\"}} {value}");
+        }
         let _ = writeln!(out, "# HELP parley_save_batch_seconds Latency of one group-commit store call.\n# TYPE parley_save_batch_seconds histogram");
         self.save_latency.write(&mut out, "parley_save_batch_seconds", &format!("instance=\"{instance}\""));
         let _ = writeln!(out, "# HELP parley_message_ack_seconds From a message's arrival at its chat's owner to its acknowledgement.\n# TYPE parley_message_ack_seconds histogram");

@@ -113,17 +113,7 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Reply {
         (&Method::GET, ["openapi.json"]) => Ok(respond(StatusCode::OK, "application/json", OPENAPI)),
         (&Method::GET, ["v1", "kpi"]) => json(StatusCode::OK, app.kpi.to_json()),
         (&Method::GET, ["v1", "cluster"]) => cluster(app, &req),
-        (&Method::GET, ["metrics"]) => {
-            use std::fmt::Write;
-            let mut metrics = app.kpi.to_prometheus(&app.instance_id);
-            let _ = write!(
-                metrics,
-                "# HELP parley_transcript_events_in_memory Saved transcript events the chats hold in memory for readers (limits.events_in_memory each).\n# TYPE parley_transcript_events_in_memory gauge\nparley_transcript_events_in_memory{{instance=\"{}\"}} {}\n",
-                app.instance_id,
-                app.chats.events_in_memory()
-            );
-            Ok(respond(StatusCode::OK, "text/plain; version=0.0.4", metrics))
-        }
+        (&Method::GET, ["metrics"]) => Ok(respond(StatusCode::OK, "text/plain; version=0.0.4", app.kpi.to_prometheus(&app.instance_id, app.chats.events_in_memory()))),
         (&Method::POST, ["admin", "drain"]) => set_draining(app, &req, true),
         (&Method::POST, ["admin", "undrain"]) => set_draining(app, &req, false),
         (&Method::POST, ["admin", "reload"]) => Box::pin(reload(app, &req)).await,
